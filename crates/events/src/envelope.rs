@@ -1,0 +1,503 @@
+//! The envelope (SPEC §2), every event type, and strict decoding.
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::Error;
+use crate::model::*;
+
+/// Newest schema version this build writes and reads. Readers upgrade older versions.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Largest encoded event we accept. An admission with many checks stays far below this; the
+/// bound keeps one poisoned message from exhausting memory in every consumer.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+
+/// Every event type of SPEC §2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventType {
+    /// `admission.decided`
+    AdmissionDecided,
+    /// `usage.settled`
+    UsageSettled,
+    /// `reservation.released`
+    ReservationReleased,
+    /// `reservation.expired`
+    ReservationExpired,
+    /// `subject.upserted`
+    SubjectUpserted,
+    /// `model_group.upserted`
+    ModelGroupUpserted,
+    /// `model_group.deleted`
+    ModelGroupDeleted,
+    /// `policy.upserted`
+    PolicyUpserted,
+    /// `policy.deleted`
+    PolicyDeleted,
+    /// `window.reset`
+    WindowReset,
+    /// `grant.issued`
+    GrantIssued,
+    /// `grant.revoked`
+    GrantRevoked,
+    /// `credits.adjusted`
+    CreditsAdjusted,
+    /// `threshold.crossed`
+    ThresholdCrossed,
+}
+
+const ALL_TYPES: [(EventType, &str); 14] = [
+    (EventType::AdmissionDecided, "admission.decided"),
+    (EventType::UsageSettled, "usage.settled"),
+    (EventType::ReservationReleased, "reservation.released"),
+    (EventType::ReservationExpired, "reservation.expired"),
+    (EventType::SubjectUpserted, "subject.upserted"),
+    (EventType::ModelGroupUpserted, "model_group.upserted"),
+    (EventType::ModelGroupDeleted, "model_group.deleted"),
+    (EventType::PolicyUpserted, "policy.upserted"),
+    (EventType::PolicyDeleted, "policy.deleted"),
+    (EventType::WindowReset, "window.reset"),
+    (EventType::GrantIssued, "grant.issued"),
+    (EventType::GrantRevoked, "grant.revoked"),
+    (EventType::CreditsAdjusted, "credits.adjusted"),
+    (EventType::ThresholdCrossed, "threshold.crossed"),
+];
+
+impl EventType {
+    /// The wire name, e.g. `admission.decided`.
+    pub fn as_str(self) -> &'static str {
+        ALL_TYPES
+            .iter()
+            .find(|(t, _)| *t == self)
+            .map(|(_, s)| *s)
+            .expect("every type is listed")
+    }
+
+    /// Parse a wire name.
+    pub fn parse(name: &str) -> Option<EventType> {
+        ALL_TYPES.iter().find(|(_, s)| *s == name).map(|(t, _)| *t)
+    }
+
+    /// Request-path events go to partitioned usage subjects; the rest are configuration.
+    pub fn is_usage(self) -> bool {
+        matches!(
+            self,
+            EventType::AdmissionDecided
+                | EventType::UsageSettled
+                | EventType::ReservationReleased
+                | EventType::ReservationExpired
+                | EventType::ThresholdCrossed
+        )
+    }
+
+    /// Every type, in a fixed order.
+    pub fn all() -> impl Iterator<Item = EventType> {
+        ALL_TYPES.iter().map(|(t, _)| *t)
+    }
+}
+
+/// `admission.decided`: the decision, the checks and the frozen counted flags.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionDecided {
+    /// Id of this admission (the event id).
+    pub admission_id: Uuid,
+    /// Whether the request may go ahead.
+    pub admitted: bool,
+    /// Why not, when not.
+    pub reason: Option<Reason>,
+    /// Seconds until a retry could pass, when refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<i64>,
+    /// Model named by the request.
+    pub model: Option<String>,
+    /// The model's model group at admission time.
+    pub model_group: Option<String>,
+    /// Leaf first, root last.
+    pub chain: Vec<Subject>,
+    /// Reserved amounts.
+    pub estimate: Usage,
+    /// Counted in the key's global (non-model-group) spend policies.
+    pub counted_in_key_global: bool,
+    /// Counted in the user's global spend policies.
+    pub counted_in_user_global: bool,
+    /// Every check decided.
+    pub checks: Vec<Check>,
+    /// Server clock when the admission was received: the reservation TTL counts from here.
+    pub received_at: DateTime<Utc>,
+}
+
+/// `usage.settled`: actual usage of a request (or direct usage without admission).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageSettled {
+    /// Dedupe key of this settlement within the request.
+    pub settlement_id: String,
+    /// Actual usage this settlement adds.
+    pub usage: Usage,
+    /// False with zero usage means a refund.
+    pub success: bool,
+    /// False for a streaming chunk.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    /// Client sequence number of the chunk.
+    pub seq: u32,
+    /// Whether an admission was found for the request.
+    pub matched_admission: bool,
+    /// The matched admission.
+    pub admission_id: Option<Uuid>,
+    /// Model.
+    pub model: Option<String>,
+    /// Model group.
+    pub model_group: Option<String>,
+    /// Leaf first, root last.
+    pub chain: Vec<Subject>,
+    /// Copied from the admission (or computed now for direct usage).
+    pub counted_in_key_global: bool,
+    /// Copied from the admission (or computed now for direct usage).
+    pub counted_in_user_global: bool,
+    /// The time that decides the windows: the admission's, or this event's for direct usage.
+    pub window_at: DateTime<Utc>,
+}
+
+/// `reservation.released` / `reservation.expired`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationEnded {
+    /// The admission whose reservation ends.
+    pub admission_id: Uuid,
+}
+
+/// `subject.upserted`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectUpserted {
+    /// Parent in the chain.
+    pub parent: Option<Subject>,
+    /// Group labels.
+    pub groups: Vec<String>,
+    /// Disabled by an operator.
+    pub disabled: bool,
+}
+
+/// `model_group.upserted` / `model_group.deleted` (`models` empty on delete).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelGroupChanged {
+    /// Group name.
+    pub name: String,
+    /// Member models.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+/// `policy.upserted`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyUpserted {
+    /// Policy id.
+    pub policy_id: String,
+    /// Subject or `group:<name>`.
+    pub subject: Subject,
+    /// Model group scope.
+    pub model_group: Option<String>,
+    /// Metric.
+    pub metric: Metric,
+    /// Limit, > 0.
+    pub limit: i64,
+    /// Window.
+    pub window: Window,
+    /// Boundary mode.
+    pub boundary: Boundary,
+    /// Exhaustion action.
+    pub on_exhausted: OnExhausted,
+    /// Whether it applies.
+    pub enabled: bool,
+}
+
+/// `policy.deleted` / `grant.revoked`: an id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdOnly {
+    /// The policy or grant id.
+    pub id: String,
+}
+
+/// `window.reset`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowReset {
+    /// Policy.
+    pub policy_id: String,
+    /// Pool subject.
+    pub subject: Subject,
+    /// Reset instant: usage at or before it no longer counts in its window.
+    pub at: DateTime<Utc>,
+}
+
+/// `grant.issued`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantIssued {
+    /// Grant id.
+    pub grant_id: String,
+    /// Subject.
+    pub subject: Subject,
+    /// Model group scope.
+    pub model_group: Option<String>,
+    /// Metric raised.
+    pub metric: Metric,
+    /// Amount added to matching limits.
+    pub amount: i64,
+    /// Only policies with this window kind, when set.
+    pub window_kind: Option<String>,
+    /// Start.
+    pub starts_at: DateTime<Utc>,
+    /// End (exclusive).
+    pub expires_at: DateTime<Utc>,
+}
+
+/// `credits.adjusted`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditsAdjusted {
+    /// Operation.
+    pub op: CreditOp,
+    /// Amount, >= 0.
+    pub amount: i64,
+    /// Refill schedule (replaces the previous one).
+    pub refill: Option<Refill>,
+}
+
+/// `threshold.crossed`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdCrossed {
+    /// Policy.
+    pub policy_id: String,
+    /// Pool subject.
+    pub subject: Subject,
+    /// Window crossed in.
+    pub window: Option<WindowBounds>,
+    /// Limit.
+    pub limit: i64,
+    /// Usage when crossed.
+    pub used: i64,
+}
+
+/// The typed `data` of an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventData {
+    /// `admission.decided`
+    AdmissionDecided(AdmissionDecided),
+    /// `usage.settled`
+    UsageSettled(UsageSettled),
+    /// `reservation.released`
+    ReservationReleased(ReservationEnded),
+    /// `reservation.expired`
+    ReservationExpired(ReservationEnded),
+    /// `subject.upserted`
+    SubjectUpserted(SubjectUpserted),
+    /// `model_group.upserted`
+    ModelGroupUpserted(ModelGroupChanged),
+    /// `model_group.deleted`
+    ModelGroupDeleted(ModelGroupChanged),
+    /// `policy.upserted`
+    PolicyUpserted(PolicyUpserted),
+    /// `policy.deleted`
+    PolicyDeleted(IdOnly),
+    /// `window.reset`
+    WindowReset(WindowReset),
+    /// `grant.issued`
+    GrantIssued(GrantIssued),
+    /// `grant.revoked`
+    GrantRevoked(IdOnly),
+    /// `credits.adjusted`
+    CreditsAdjusted(CreditsAdjusted),
+    /// `threshold.crossed`
+    ThresholdCrossed(ThresholdCrossed),
+}
+
+/// An event: envelope fields plus typed data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// UUID v7; also the `Nats-Msg-Id`.
+    pub id: Uuid,
+    /// Schema version the event was written with.
+    pub schema: u32,
+    /// Event time: the time windows are evaluated at.
+    pub occurred_at: DateTime<Utc>,
+    /// The request the event concerns.
+    pub request_id: Option<String>,
+    /// The leaf subject, when there is one.
+    pub subject: Option<Subject>,
+    /// Typed payload.
+    pub data: EventData,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw<D> {
+    id: Uuid,
+    #[serde(rename = "type")]
+    event_type: String,
+    schema: u32,
+    occurred_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subject: Option<Subject>,
+    data: D,
+}
+
+fn malformed(e: serde_path_to_error::Error<serde_json::Error>, prefix: &str) -> Error {
+    let path = e.path().to_string();
+    let field = match (prefix, path.as_str()) {
+        (_, ".") | (_, "") => None,
+        ("", p) => Some(p.to_owned()),
+        (pre, p) => Some(format!("{pre}.{p}")),
+    };
+    Error::Malformed {
+        field,
+        message: e.into_inner().to_string(),
+    }
+}
+
+fn data_of<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Error> {
+    serde_path_to_error::deserialize(value).map_err(|e| malformed(e, "data"))
+}
+
+impl EventData {
+    /// The event type of this payload.
+    pub fn event_type(&self) -> EventType {
+        use EventData as D;
+        match self {
+            D::AdmissionDecided(_) => EventType::AdmissionDecided,
+            D::UsageSettled(_) => EventType::UsageSettled,
+            D::ReservationReleased(_) => EventType::ReservationReleased,
+            D::ReservationExpired(_) => EventType::ReservationExpired,
+            D::SubjectUpserted(_) => EventType::SubjectUpserted,
+            D::ModelGroupUpserted(_) => EventType::ModelGroupUpserted,
+            D::ModelGroupDeleted(_) => EventType::ModelGroupDeleted,
+            D::PolicyUpserted(_) => EventType::PolicyUpserted,
+            D::PolicyDeleted(_) => EventType::PolicyDeleted,
+            D::WindowReset(_) => EventType::WindowReset,
+            D::GrantIssued(_) => EventType::GrantIssued,
+            D::GrantRevoked(_) => EventType::GrantRevoked,
+            D::CreditsAdjusted(_) => EventType::CreditsAdjusted,
+            D::ThresholdCrossed(_) => EventType::ThresholdCrossed,
+        }
+    }
+
+    fn decode(t: EventType, v: serde_json::Value) -> Result<EventData, Error> {
+        use EventData as D;
+        use EventType as T;
+        Ok(match t {
+            T::AdmissionDecided => D::AdmissionDecided(data_of(v)?),
+            T::UsageSettled => D::UsageSettled(data_of(v)?),
+            T::ReservationReleased => D::ReservationReleased(data_of(v)?),
+            T::ReservationExpired => D::ReservationExpired(data_of(v)?),
+            T::SubjectUpserted => D::SubjectUpserted(data_of(v)?),
+            T::ModelGroupUpserted => D::ModelGroupUpserted(data_of(v)?),
+            T::ModelGroupDeleted => D::ModelGroupDeleted(data_of(v)?),
+            T::PolicyUpserted => D::PolicyUpserted(data_of(v)?),
+            T::PolicyDeleted => D::PolicyDeleted(data_of(v)?),
+            T::WindowReset => D::WindowReset(data_of(v)?),
+            T::GrantIssued => D::GrantIssued(data_of(v)?),
+            T::GrantRevoked => D::GrantRevoked(data_of(v)?),
+            T::CreditsAdjusted => D::CreditsAdjusted(data_of(v)?),
+            T::ThresholdCrossed => D::ThresholdCrossed(data_of(v)?),
+        })
+    }
+
+    fn to_value(&self) -> serde_json::Value {
+        use EventData as D;
+        let v = match self {
+            D::AdmissionDecided(d) => serde_json::to_value(d),
+            D::UsageSettled(d) => serde_json::to_value(d),
+            D::ReservationReleased(d) | D::ReservationExpired(d) => serde_json::to_value(d),
+            D::SubjectUpserted(d) => serde_json::to_value(d),
+            D::ModelGroupUpserted(d) | D::ModelGroupDeleted(d) => serde_json::to_value(d),
+            D::PolicyUpserted(d) => serde_json::to_value(d),
+            D::PolicyDeleted(d) | D::GrantRevoked(d) => serde_json::to_value(d),
+            D::WindowReset(d) => serde_json::to_value(d),
+            D::GrantIssued(d) => serde_json::to_value(d),
+            D::CreditsAdjusted(d) => serde_json::to_value(d),
+            D::ThresholdCrossed(d) => serde_json::to_value(d),
+        };
+        v.expect("event data always serializes")
+    }
+}
+
+impl Envelope {
+    /// A new event with a fresh UUID v7 id and the current schema.
+    pub fn new(
+        data: EventData,
+        occurred_at: DateTime<Utc>,
+        request_id: Option<String>,
+        subject: Option<Subject>,
+    ) -> Self {
+        Envelope {
+            id: Uuid::now_v7(),
+            schema: SCHEMA_VERSION,
+            occurred_at,
+            request_id,
+            subject,
+            data,
+        }
+    }
+
+    /// The event's type.
+    pub fn event_type(&self) -> EventType {
+        self.data.event_type()
+    }
+
+    /// JSON bytes of the envelope.
+    pub fn encode(&self) -> Vec<u8> {
+        let raw = Raw {
+            id: self.id,
+            event_type: self.event_type().as_str().to_owned(),
+            schema: self.schema,
+            occurred_at: self.occurred_at,
+            request_id: self.request_id.clone(),
+            subject: self.subject.clone(),
+            data: self.data.to_value(),
+        };
+        serde_json::to_vec(&raw).expect("envelope always serializes")
+    }
+
+    /// Decode and validate: unknown types, unknown fields, unsupported schemas, bad values and
+    /// oversized payloads are errors.
+    pub fn decode(bytes: &[u8]) -> Result<Envelope, Error> {
+        if bytes.len() > MAX_EVENT_BYTES {
+            return Err(Error::invalid(
+                "",
+                format!("event of {} bytes exceeds {MAX_EVENT_BYTES}", bytes.len()),
+            ));
+        }
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let raw: Raw<serde_json::Value> =
+            serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(e, ""))?;
+        de.end().map_err(|e| Error::Malformed {
+            field: None,
+            message: e.to_string(),
+        })?;
+        if raw.schema == 0 || raw.schema > SCHEMA_VERSION {
+            return Err(Error::UnsupportedSchema(raw.schema));
+        }
+        let t = EventType::parse(&raw.event_type)
+            .ok_or_else(|| Error::UnknownType(raw.event_type.clone()))?;
+        let env = Envelope {
+            id: raw.id,
+            schema: raw.schema,
+            occurred_at: raw.occurred_at,
+            request_id: raw.request_id,
+            subject: raw.subject,
+            data: EventData::decode(t, raw.data)?,
+        };
+        env.validate()?;
+        Ok(env)
+    }
+}
