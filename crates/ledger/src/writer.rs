@@ -1,0 +1,408 @@
+//! The ledger writer: a durable pull consumer that appends every event to Postgres.
+//!
+//! Each batch (bounded in size and time) is written in one transaction together with the
+//! consumer's checkpoint; messages are acked only after the commit. Undecodable or invalid
+//! messages go to the dead-letter stream and `ledger_rejects` with the reason, in the same
+//! transaction, and the pipeline keeps going.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, Message, consumer::pull};
+use futures::StreamExt;
+use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
+use tally_events::{Envelope, EventData, LedgerFacts};
+
+use crate::{Error, Publisher, StreamSettings, stream};
+
+/// Most messages per batch/transaction: 20 bound columns × 1000 rows stays well under Postgres'
+/// 65 535 bind parameters, and a 1000-row insert commits in a few ms.
+pub const MAX_BATCH: usize = 1000;
+/// Longest a batch waits to fill before the writer commits what it has: bounds ledger lag at low load.
+pub const BATCH_WAIT: Duration = Duration::from_millis(20);
+/// How long JetStream waits for an ack before redelivering. Long enough for a slow commit.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Most unacked messages the server hands this consumer: a few batches.
+pub const MAX_ACK_PENDING: i64 = 10 * MAX_BATCH as i64;
+/// Backoff bounds while Postgres (or the dead-letter publish) fails: retry fast, never spin.
+pub const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// See [`RETRY_BACKOFF_MIN`].
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often an idle writer re-checks the stream against its checkpoint.
+pub const ALARM_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// Postgres channel notified after each committed batch, so projectors wake at once.
+pub const LEDGER_NOTIFY_CHANNEL: &str = "tally_ledger";
+
+/// How the writer consumes.
+#[derive(Clone, Debug)]
+pub struct WriterSettings {
+    /// Durable consumer name (also the checkpoint's key).
+    pub consumer: String,
+    /// Messages per batch, at most [`MAX_BATCH`].
+    pub batch_max: usize,
+    /// Time a batch may wait to fill.
+    pub batch_wait: Duration,
+}
+
+impl Default for WriterSettings {
+    fn default() -> Self {
+        WriterSettings {
+            consumer: "tally-ledger".into(),
+            batch_max: MAX_BATCH,
+            batch_wait: BATCH_WAIT,
+        }
+    }
+}
+
+/// Counters an operator graphs (exposed on `/metrics`).
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Ledger rows appended.
+    pub rows_appended: AtomicU64,
+    /// Messages that were already in the ledger (redeliveries, duplicate settlements).
+    pub duplicates: AtomicU64,
+    /// Messages dead-lettered.
+    pub rejects: AtomicU64,
+    /// Batches committed.
+    pub batches: AtomicU64,
+    /// Checkpoint (last committed stream sequence).
+    pub checkpoint: AtomicU64,
+}
+
+/// The ledger writer.
+pub struct LedgerWriter {
+    js: jetstream::Context,
+    pool: PgPool,
+    stream: StreamSettings,
+    settings: WriterSettings,
+    dead_letters: Publisher,
+    stats: Arc<WriterStats>,
+}
+
+struct Row {
+    seq: u64,
+    env: Envelope,
+    payload: serde_json::Value,
+}
+
+struct Reject {
+    seq: u64,
+    nats_subject: String,
+    reason: String,
+    field: Option<String>,
+    payload: Vec<u8>,
+}
+
+impl LedgerWriter {
+    /// A writer for `stream`, which must exist ([`stream::ensure_stream`]).
+    pub fn new(
+        js: jetstream::Context,
+        pool: PgPool,
+        stream: StreamSettings,
+        settings: WriterSettings,
+    ) -> Self {
+        assert!(
+            settings.batch_max > 0 && settings.batch_max <= MAX_BATCH,
+            "batch_max out of range"
+        );
+        let dead_letters = Publisher::new(js.clone(), stream.clone());
+        LedgerWriter {
+            js,
+            pool,
+            stream,
+            settings,
+            dead_letters,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Shared counters.
+    pub fn stats(&self) -> Arc<WriterStats> {
+        self.stats.clone()
+    }
+
+    /// Consume until `shutdown` resolves or an unrecoverable error (the stream-behind alarm).
+    #[tracing::instrument(skip_all, fields(stream = %self.stream.name, consumer = %self.settings.consumer))]
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+        let consumer = self.consumer().await?;
+        self.check_alarm().await?;
+        tokio::pin!(shutdown);
+        let mut last_alarm_check = tokio::time::Instant::now();
+        loop {
+            let batch = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                b = self.fetch(&consumer) => b,
+            };
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "fetch failed; retrying");
+                    tokio::time::sleep(RETRY_BACKOFF_MIN).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() || last_alarm_check.elapsed() > ALARM_CHECK_EVERY {
+                if last_alarm_check.elapsed() > ALARM_CHECK_EVERY {
+                    self.check_alarm().await?;
+                    last_alarm_check = tokio::time::Instant::now();
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+            }
+            self.commit_with_retry(&batch).await;
+            ack_all(&batch).await;
+        }
+    }
+
+    async fn consumer(&self) -> Result<jetstream::consumer::Consumer<pull::Config>, Error> {
+        let js_err = |e: &dyn std::fmt::Display| {
+            Error::JetStream(format!("consumer {}: {e}", self.settings.consumer))
+        };
+        let stream = self
+            .js
+            .get_stream(&self.stream.name)
+            .await
+            .map_err(|e| js_err(&e))?;
+        let config = pull::Config {
+            durable_name: Some(self.settings.consumer.clone()),
+            description: Some("tally ledger writer".into()),
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            max_deliver: -1,
+            max_ack_pending: MAX_ACK_PENDING,
+            ..Default::default()
+        };
+        stream
+            .get_or_create_consumer(&self.settings.consumer, config)
+            .await
+            .map_err(|e| js_err(&e))
+    }
+
+    async fn fetch(
+        &self,
+        consumer: &jetstream::consumer::Consumer<pull::Config>,
+    ) -> Result<Vec<Message>, Error> {
+        let mut messages = consumer
+            .batch()
+            .max_messages(self.settings.batch_max)
+            .expires(self.settings.batch_wait)
+            .messages()
+            .await
+            .map_err(|e| Error::JetStream(e.to_string()))?;
+        let mut out = Vec::with_capacity(self.settings.batch_max);
+        while let Some(m) = messages.next().await {
+            out.push(m.map_err(|e| Error::JetStream(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Stop with a loud alarm if the stream restarted below the checkpoint.
+    pub async fn check_alarm(&self) -> Result<(), Error> {
+        let checkpoint = load_checkpoint(&self.pool, &self.settings.consumer).await?;
+        let last = stream::last_sequence(&self.js, &self.stream.name).await?;
+        if last < checkpoint {
+            let e = Error::StreamBehindCheckpoint {
+                stream: self.stream.name.clone(),
+                stream_last_seq: last,
+                checkpoint,
+            };
+            tracing::error!(alarm = true, "{e}");
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn commit_with_retry(&self, batch: &[Message]) {
+        let (rows, rejects) = classify(batch);
+        let mut backoff = RETRY_BACKOFF_MIN;
+        loop {
+            match self.commit(&rows, &rejects).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "batch not committed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(rows = rows.len(), rejects = rejects.len()))]
+    async fn commit(&self, rows: &[Row], rejects: &[Reject]) -> Result<(), Error> {
+        for r in rejects {
+            self.dead_letter(r).await?;
+        }
+        let max_seq = rows
+            .iter()
+            .map(|r| r.seq)
+            .chain(rejects.iter().map(|r| r.seq))
+            .max()
+            .unwrap_or(0);
+        let mut tx = self.pool.begin().await?;
+        let appended = insert_rows(&mut tx, rows).await?;
+        insert_rejects(&mut tx, &self.stream.name, rejects).await?;
+        let checkpoint =
+            save_checkpoint(&mut tx, &self.settings.consumer, &self.stream.name, max_seq).await?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(LEDGER_NOTIFY_CHANNEL)
+            .bind(checkpoint.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let s = &self.stats;
+        s.rows_appended.fetch_add(appended, Ordering::Relaxed);
+        s.duplicates
+            .fetch_add(rows.len() as u64 - appended, Ordering::Relaxed);
+        s.rejects.fetch_add(rejects.len() as u64, Ordering::Relaxed);
+        s.batches.fetch_add(1, Ordering::Relaxed);
+        s.checkpoint.store(checkpoint, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn dead_letter(&self, r: &Reject) -> Result<(), Error> {
+        let (_, subject) = self.stream.dead_letter();
+        let msg_id = format!("dlq-{}-{}", self.stream.name, r.seq);
+        self.dead_letters
+            .publish_raw(subject, msg_id, r.payload.clone().into())
+            .await?;
+        tracing::warn!(stream_seq = r.seq, reason = %r.reason, "message dead-lettered");
+        Ok(())
+    }
+}
+
+fn classify(batch: &[Message]) -> (Vec<Row>, Vec<Reject>) {
+    let mut rows = Vec::with_capacity(batch.len());
+    let mut rejects = Vec::new();
+    for m in batch {
+        let seq = m
+            .info()
+            .map(|i| i.stream_sequence)
+            .expect("a JetStream message has info");
+        let decoded = Envelope::decode(&m.payload).and_then(|env| {
+            serde_json::from_slice(&m.payload)
+                .map(|p| (env, p))
+                .map_err(|e| tally_events::Error::Malformed {
+                    field: None,
+                    message: e.to_string(),
+                })
+        });
+        match decoded {
+            Ok((env, payload)) => rows.push(Row { seq, env, payload }),
+            Err(e) => rejects.push(Reject {
+                seq,
+                nats_subject: m.subject.to_string(),
+                reason: e.to_string(),
+                field: e.field().map(str::to_owned),
+                payload: m.payload.to_vec(),
+            }),
+        }
+    }
+    (rows, rejects)
+}
+
+async fn ack_all(batch: &[Message]) {
+    for m in batch {
+        // A lost ack only means a redelivery, which the ledger deduplicates.
+        if let Err(e) = m.ack().await {
+            tracing::warn!(error = %e, "ack failed; the message will be redelivered and deduplicated");
+        }
+    }
+}
+
+async fn insert_rows(tx: &mut Transaction<'_, Postgres>, rows: &[Row]) -> Result<u64, Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+        "INSERT INTO ledger (event_id, stream_seq, event_type, schema_version, occurred_at, window_at, \
+         request_id, settlement_id, subject, chain, model, model_group, requests, input_tokens, \
+         output_tokens, cost, credits, counted_in_key_global, counted_in_user_global, payload) ",
+    );
+    qb.push_values(rows, |mut b, r| {
+        let f = LedgerFacts::of(&r.env);
+        let settlement_id = match &r.env.data {
+            EventData::UsageSettled(d) => Some(d.settlement_id.clone()),
+            _ => None,
+        };
+        b.push_bind(r.env.id)
+            .push_bind(i64::try_from(r.seq).expect("stream sequence fits i64"))
+            .push_bind(r.env.event_type().as_str())
+            .push_bind(r.env.schema as i32)
+            .push_bind(r.env.occurred_at)
+            .push_bind(f.window_at)
+            .push_bind(r.env.request_id.clone())
+            .push_bind(settlement_id)
+            .push_bind(r.env.subject.as_ref().map(|s| s.as_str().to_owned()))
+            .push_bind(f.chain)
+            .push_bind(f.model)
+            .push_bind(f.model_group)
+            .push_bind(f.amounts.requests)
+            .push_bind(f.amounts.input_tokens)
+            .push_bind(f.amounts.output_tokens)
+            .push_bind(f.amounts.cost)
+            .push_bind(f.amounts.credits)
+            .push_bind(f.counted_in_key_global)
+            .push_bind(f.counted_in_user_global)
+            .push_bind(&r.payload);
+    });
+    // No conflict target: a redelivered event (same event_id) and a retried settlement (same
+    // request_id + settlement_id, ledger_settlement_once) are both the same fact, appended once.
+    qb.push(" ON CONFLICT DO NOTHING");
+    Ok(qb.build().execute(&mut **tx).await?.rows_affected())
+}
+
+async fn insert_rejects(
+    tx: &mut Transaction<'_, Postgres>,
+    stream: &str,
+    rejects: &[Reject],
+) -> Result<(), Error> {
+    for r in rejects {
+        sqlx::query(
+            "INSERT INTO ledger_rejects (stream, stream_seq, nats_subject, reason, field, payload) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(stream)
+        .bind(r.seq as i64)
+        .bind(&r.nats_subject)
+        .bind(&r.reason)
+        .bind(&r.field)
+        .bind(&r.payload)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The consumer's checkpoint (0 when it never committed).
+pub async fn load_checkpoint(pool: &PgPool, consumer: &str) -> Result<u64, Error> {
+    let seq: Option<i64> =
+        sqlx::query_scalar("SELECT last_seq FROM consumer_checkpoints WHERE consumer = $1")
+            .bind(consumer)
+            .fetch_optional(pool)
+            .await?;
+    Ok(seq.unwrap_or(0) as u64)
+}
+
+async fn save_checkpoint(
+    tx: &mut Transaction<'_, Postgres>,
+    consumer: &str,
+    stream: &str,
+    seq: u64,
+) -> Result<u64, Error> {
+    // GREATEST: a batch of redeliveries must never move the checkpoint backwards.
+    let saved: i64 = sqlx::query_scalar(
+        "INSERT INTO consumer_checkpoints (consumer, stream, last_seq) VALUES ($1, $2, $3) \
+         ON CONFLICT (consumer) DO UPDATE SET last_seq = GREATEST(consumer_checkpoints.last_seq, EXCLUDED.last_seq), \
+         updated_at = clock_timestamp() RETURNING last_seq",
+    )
+    .bind(consumer)
+    .bind(stream)
+    .bind(seq as i64)
+    .fetch_one(&mut **tx)
+    .await?;
+    assert!(saved as u64 >= seq, "checkpoint moved backwards");
+    Ok(saved as u64)
+}
