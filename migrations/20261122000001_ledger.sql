@@ -1,5 +1,9 @@
 -- The ledger: one row per event, append-only, the system of record (SPEC §7).
 CREATE TABLE ledger (
+    -- Commit order. Writers serialize their transactions (advisory lock), so rows become visible
+    -- in pos order and a projection tailing `pos > checkpoint` never skips one. Stream order can
+    -- differ after a writer crash (unacked messages are redelivered after newer ones).
+    pos                   bigint      GENERATED ALWAYS AS IDENTITY UNIQUE,
     event_id              uuid        PRIMARY KEY,
     stream_seq            bigint      NOT NULL CHECK (stream_seq > 0),
     event_type            text        NOT NULL,
@@ -23,7 +27,6 @@ CREATE TABLE ledger (
     payload               jsonb       NOT NULL
 );
 
--- Projections tail the ledger in stream order.
 CREATE INDEX ledger_stream_seq ON ledger (stream_seq);
 CREATE INDEX ledger_request_id ON ledger (request_id) WHERE request_id IS NOT NULL;
 -- A settlement is one fact however many times a client retries it: the second copy of the same

@@ -1,8 +1,8 @@
--- Projection checkpoints: each projection's position in the ledger (by stream sequence), written
+-- Projection checkpoints: each projection's position in the ledger (`ledger.pos`), written
 -- in the same transaction as its rows so it can be dropped and rebuilt alone.
 CREATE TABLE projection_checkpoints (
     projection  text        PRIMARY KEY,
-    last_seq    bigint      NOT NULL CHECK (last_seq >= 0),
+    last_pos    bigint      NOT NULL CHECK (last_pos >= 0),
     updated_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 

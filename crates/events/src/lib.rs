@@ -11,6 +11,7 @@ mod ledger_facts;
 mod model;
 mod partition;
 mod request;
+mod usage;
 mod validate;
 
 pub use envelope::*;
@@ -19,4 +20,5 @@ pub use ledger_facts::LedgerFacts;
 pub use model::*;
 pub use partition::{DEFAULT_PARTITIONS, MAX_PARTITIONS, partition_of};
 pub use request::{RequestState, RequestView, Settlement};
+pub use usage::{UsageKey, UsageTotals, fold_usage, minute_of};
 pub use validate::validate_window;

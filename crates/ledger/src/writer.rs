@@ -21,8 +21,9 @@ use crate::{Error, Publisher, StreamSettings, stream};
 pub const MAX_BATCH: usize = 1000;
 /// Longest a batch waits to fill before the writer commits what it has: bounds ledger lag at low load.
 pub const BATCH_WAIT: Duration = Duration::from_millis(20);
-/// How long JetStream waits for an ack before redelivering. Long enough for a slow commit.
-pub const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long JetStream waits for an ack before redelivering. Far above a batch commit (ms), and
+/// short because it is also how long a crashed writer's in-flight batch waits to be redelivered.
+pub const ACK_WAIT: Duration = Duration::from_secs(10);
 /// Most unacked messages the server hands this consumer: a few batches.
 pub const MAX_ACK_PENDING: i64 = 10 * MAX_BATCH as i64;
 /// Backoff bounds while Postgres (or the dead-letter publish) fails: retry fast, never spin.
@@ -33,6 +34,9 @@ pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 pub const ALARM_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Postgres channel notified after each committed batch, so projectors wake at once.
 pub const LEDGER_NOTIFY_CHANNEL: &str = "tally_ledger";
+
+/// Advisory lock key every ledger writer holds while it commits (arbitrary, fixed: "TALLYLDG").
+pub const LEDGER_WRITE_LOCK: i64 = 0x5441_4c4c_594c_4447;
 
 /// How the writer consumes.
 #[derive(Clone, Debug)]
@@ -242,6 +246,11 @@ impl LedgerWriter {
             .max()
             .unwrap_or(0);
         let mut tx = self.pool.begin().await?;
+        // Serialize writers' commits so `ledger.pos` order is commit order (see the migration).
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(LEDGER_WRITE_LOCK)
+            .execute(&mut *tx)
+            .await?;
         let appended = insert_rows(&mut tx, rows).await?;
         insert_rejects(&mut tx, &self.stream.name, rejects).await?;
         let checkpoint =

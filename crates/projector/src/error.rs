@@ -1,0 +1,26 @@
+//! The projector crate's one error type.
+
+/// What can go wrong while projecting or reading projections.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A database call failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A ledger row's payload no longer decodes (the ledger only holds validated events, so this
+    /// means the reader is older than the writer).
+    #[error("ledger row at pos {pos} does not decode: {source}")]
+    Undecodable {
+        /// `ledger.pos` of the row.
+        pos: i64,
+        /// The decode error.
+        source: tally_events::Error,
+    },
+    /// A read asked for something out of bounds (e.g. too many buckets).
+    #[error("invalid `{field}`: {message}")]
+    InvalidQuery {
+        /// Offending query parameter.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
