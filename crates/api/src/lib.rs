@@ -1,1 +1,165 @@
-//! placeholder
+//! Tally's HTTP API (SPEC §6): admission, settlement, release, reads, health and metrics.
+//!
+//! [`app`] builds the router from an [`AppState`]; [`serve`] runs it on a listener. Tests drive
+//! the router in-process or over a socket. Errors map to status codes in one place ([`error`]).
+
+pub mod auth;
+pub mod body;
+pub mod error;
+mod handlers;
+mod ops;
+pub mod table;
+pub mod tail;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
+use axum::routing::{get, post};
+use sqlx::PgPool;
+use tally_ledger::Publisher;
+use tally_ledger::writer::WriterStats;
+use tally_projector::ProjectorStats;
+
+pub use auth::Tokens;
+pub use error::ApiError;
+use table::RequestTable;
+
+/// Settings of the API (SPEC §9).
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// How long an admission's reservation lives (server clock).
+    pub reservation_ttl: Duration,
+    /// How far in the past `at` may be.
+    pub max_backfill: Duration,
+    /// How far in the future `at` may be.
+    pub max_clock_skew: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            reservation_ttl: Duration::from_secs(15 * 60),
+            max_backfill: Duration::from_secs(35 * 24 * 3600),
+            max_clock_skew: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Admissions decided (admitted).
+    pub admitted: AtomicU64,
+    /// Admissions refused.
+    pub rejected: AtomicU64,
+    /// Admissions answered from the idempotency table.
+    pub replayed: AtomicU64,
+    /// Settlements published.
+    pub settlements: AtomicU64,
+    /// Settlements recognised as retries and not published again.
+    pub settlement_retries: AtomicU64,
+    /// Releases published.
+    pub releases: AtomicU64,
+    /// Requests answered 503 because an event could not be published.
+    pub unavailable: AtomicU64,
+}
+
+/// Optional stats of the workers running in the same process (`tally up`).
+#[derive(Clone, Default)]
+pub struct WorkerStats {
+    /// The ledger writer's.
+    pub ledger: Option<Arc<WriterStats>>,
+    /// The projectors', by name.
+    pub projectors: Vec<(&'static str, Arc<ProjectorStats>)>,
+}
+
+struct Inner {
+    publisher: Publisher,
+    nats: async_nats::Client,
+    db: PgPool,
+    tokens: Tokens,
+    config: ApiConfig,
+    requests: RequestTable,
+    metrics: Metrics,
+    workers: WorkerStats,
+    tail_ready: AtomicBool,
+}
+
+/// Shared state of every handler. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl AppState {
+    /// State over connected NATS and Postgres. Start [`tail::run`] beside it.
+    pub fn new(
+        publisher: Publisher,
+        nats: async_nats::Client,
+        db: PgPool,
+        tokens: Tokens,
+        config: ApiConfig,
+        workers: WorkerStats,
+    ) -> Self {
+        let requests = RequestTable::new(config.reservation_ttl);
+        AppState(Arc::new(Inner {
+            publisher,
+            nats,
+            db,
+            tokens,
+            config,
+            requests,
+            metrics: Metrics::default(),
+            workers,
+            tail_ready: AtomicBool::new(false),
+        }))
+    }
+
+    fn tokens(&self) -> &Tokens {
+        &self.0.tokens
+    }
+
+    /// The request table.
+    pub fn requests(&self) -> &RequestTable {
+        &self.0.requests
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+}
+
+/// The router: every route with its auth, the body limit and tracing.
+pub fn app(state: AppState) -> Router {
+    let data_plane = Router::new()
+        .route("/v1/admit", post(handlers::admit))
+        .route("/v1/settle", post(handlers::settle))
+        .route("/v1/release", post(handlers::release))
+        .route("/v1/usage", get(handlers::usage))
+        .route("/v1/requests/{request_id}", get(handlers::request))
+        .route_layer(from_fn_with_state(state.clone(), auth::data_plane));
+    let open = Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi));
+    data_plane
+        .merge(open)
+        .fallback(ops::not_found)
+        .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serve `router` on `listener` until `shutdown` resolves (in-flight requests finish).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

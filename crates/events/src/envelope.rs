@@ -449,6 +449,24 @@ impl Envelope {
         }
     }
 
+    /// A new event whose data needs the event id (an admission's `admission_id` is its event id).
+    pub fn with_id(
+        occurred_at: DateTime<Utc>,
+        request_id: Option<String>,
+        subject: Option<Subject>,
+        make: impl FnOnce(Uuid) -> EventData,
+    ) -> Self {
+        let id = Uuid::now_v7();
+        Envelope {
+            id,
+            schema: SCHEMA_VERSION,
+            occurred_at,
+            request_id,
+            subject,
+            data: make(id),
+        }
+    }
+
     /// The event's type.
     pub fn event_type(&self) -> EventType {
         self.data.event_type()

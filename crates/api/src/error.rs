@@ -1,0 +1,156 @@
+//! The API's one error type and its mapping to HTTP status codes (the only place that does it).
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Every way a request can fail. Database and NATS details are logged, never returned.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed; `field` names what is wrong.
+    #[error("{message}")]
+    Invalid {
+        /// Path of the offending field (`estimate.cost`), when known.
+        field: Option<String>,
+        /// Human-readable reason.
+        message: String,
+    },
+    /// 401: no or unknown bearer token.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// 403: the token may not use this endpoint.
+    #[error("this token may not use this endpoint")]
+    Forbidden,
+    /// 404: the named thing does not exist.
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked up.
+        what: String,
+        /// The field that named it.
+        field: Option<String>,
+    },
+    /// 409: the write conflicts with existing state.
+    #[error("{message}")]
+    Conflict {
+        /// Offending field.
+        field: Option<String>,
+        /// Why.
+        message: String,
+    },
+    /// 413: body over the limit.
+    #[error("request body exceeds {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// 503: a dependency is unreachable; the write did not happen.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// 500: a bug or an unexpected dependency failure; details are logged.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 naming `field`.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::Invalid {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+
+    /// Status code and error code of this error.
+    pub fn status(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+            ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    fn field(&self) -> Option<&str> {
+        match self {
+            ApiError::Invalid { field, .. }
+            | ApiError::NotFound { field, .. }
+            | ApiError::Conflict { field, .. } => field.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The JSON error body.
+    pub fn body(&self) -> serde_json::Value {
+        let (_, code) = self.status();
+        let message = match self {
+            ApiError::Unavailable(_) => {
+                "a dependency is unavailable; nothing was recorded, retry".to_owned()
+            }
+            other => other.to_string(),
+        };
+        json!({"error": {"code": code, "message": message, "field": self.field()}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _) = self.status();
+        match &self {
+            ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
+            ApiError::Unavailable(detail) => tracing::warn!(%detail, "dependency unavailable"),
+            _ => {}
+        }
+        (status, Json(self.body())).into_response()
+    }
+}
+
+impl From<tally_events::Error> for ApiError {
+    fn from(e: tally_events::Error) -> Self {
+        ApiError::Invalid {
+            field: e.field().map(str::to_owned),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<tally_ledger::Error> for ApiError {
+    fn from(e: tally_ledger::Error) -> Self {
+        match e {
+            tally_ledger::Error::InvalidEvent(e) => e.into(),
+            tally_ledger::Error::Publish(m) | tally_ledger::Error::JetStream(m) => {
+                ApiError::Unavailable(m)
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                ApiError::Unavailable(e.to_string())
+            }
+            _ => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<tally_projector::Error> for ApiError {
+    fn from(e: tally_projector::Error) -> Self {
+        match e {
+            tally_projector::Error::InvalidQuery { field, message } => {
+                ApiError::invalid(field, message)
+            }
+            tally_projector::Error::Database(e) => e.into(),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! Data-plane handlers: admit, settle, release, usage and request reads.
+
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::json;
+use tally_events::*;
+
+use crate::AppState;
+use crate::body::{JsonBody, Params};
+use crate::error::ApiError;
+
+/// `estimate` / `usage` objects of the API: every amount optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmountsIn {
+    requests: Option<i64>,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    cost: Option<i64>,
+    credits: Option<i64>,
+}
+
+impl AmountsIn {
+    fn into_usage(self, default_requests: i64, field: &str) -> Result<Usage, ApiError> {
+        let u = Usage {
+            requests: self.requests.unwrap_or(default_requests),
+            input_tokens: self.input_tokens.unwrap_or(0),
+            output_tokens: self.output_tokens.unwrap_or(0),
+            cost: self.cost.unwrap_or(0),
+            credits: self.credits.unwrap_or(0),
+        };
+        u.validate(field)?;
+        Ok(u)
+    }
+}
+
+/// `POST /v1/admit` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmitIn {
+    request_id: String,
+    subject: String,
+    model: Option<String>,
+    #[serde(default)]
+    estimate: AmountsIn,
+    at: Option<DateTime<Utc>>,
+}
+
+fn subject_field(field: &str, text: &str) -> Result<Subject, ApiError> {
+    Subject::parse(text).map_err(|m| ApiError::invalid(field, m))
+}
+
+fn name_field(field: &str, value: Option<&str>) -> Result<(), ApiError> {
+    value
+        .map_or(Ok(()), |v| validate_name(field, v))
+        .map_err(Into::into)
+}
+
+impl AppState {
+    /// The event time of a request: `at` (bounded by backfill and skew) or now.
+    fn event_time(&self, at: Option<DateTime<Utc>>) -> Result<DateTime<Utc>, ApiError> {
+        let now = Utc::now();
+        let Some(at) = at else { return Ok(now) };
+        let cfg = &self.0.config;
+        let backfill =
+            chrono::Duration::from_std(cfg.max_backfill).unwrap_or(chrono::Duration::MAX);
+        let skew = chrono::Duration::from_std(cfg.max_clock_skew).unwrap_or(chrono::Duration::MAX);
+        if at < now - backfill {
+            return Err(ApiError::invalid(
+                "at",
+                format!(
+                    "is further in the past than --max-backfill ({:?})",
+                    cfg.max_backfill
+                ),
+            ));
+        }
+        if at > now + skew {
+            return Err(ApiError::invalid(
+                "at",
+                format!(
+                    "is further in the future than --max-clock-skew ({:?})",
+                    cfg.max_clock_skew
+                ),
+            ));
+        }
+        Ok(at)
+    }
+
+    async fn publish(&self, env: &Envelope) -> Result<(), ApiError> {
+        self.0.publisher.publish(env).await.map(drop).map_err(|e| {
+            self.metrics().unavailable.fetch_add(1, Ordering::Relaxed);
+            ApiError::from(e)
+        })
+    }
+
+    fn slot(&self, request_id: &str) -> Result<crate::table::Slot, ApiError> {
+        self.requests()
+            .slot(request_id)
+            .ok_or_else(|| ApiError::Unavailable("request table full".into()))
+    }
+}
+
+fn admission_body(view: &RequestView, replayed: bool) -> serde_json::Value {
+    let a = view.admission.as_ref().expect("admission present");
+    json!({
+        "admitted": a.admitted,
+        "request_id": view.request_id,
+        "admission_id": a.admission_id,
+        "reason": a.reason,
+        "retry_after_seconds": a.retry_after_seconds,
+        "counted_in_key_global": a.counted_in_key_global,
+        "counted_in_user_global": a.counted_in_user_global,
+        "replayed": replayed,
+        "checks": a.checks,
+    })
+}
+
+/// `POST /v1/admit`. No policies can be configured yet, so every request is admitted; the
+/// decision is still durably published before the answer, and idempotent by `request_id`.
+#[tracing::instrument(skip_all, fields(request_id = %body.request_id))]
+pub async fn admit(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<AdmitIn>,
+) -> Result<Response, ApiError> {
+    validate_name("request_id", &body.request_id)?;
+    let leaf = subject_field("subject", &body.subject)?;
+    name_field("model", body.model.as_deref())?;
+    let estimate = body.estimate.into_usage(1, "estimate")?;
+    let at = state.event_time(body.at)?;
+    let slot = state.slot(&body.request_id)?;
+    let mut view = slot.lock().await;
+    if view.admission.is_some() {
+        state.metrics().replayed.fetch_add(1, Ordering::Relaxed);
+        return Ok(Json(admission_body(&view, true)).into_response());
+    }
+    let env = Envelope::with_id(
+        at,
+        Some(body.request_id.clone()),
+        Some(leaf.clone()),
+        |id| {
+            EventData::AdmissionDecided(AdmissionDecided {
+                admission_id: id,
+                admitted: true,
+                reason: None,
+                retry_after_seconds: None,
+                model: body.model,
+                model_group: None,
+                chain: vec![leaf],
+                estimate,
+                counted_in_key_global: true,
+                counted_in_user_global: true,
+                checks: Vec::new(),
+                received_at: Utc::now(),
+            })
+        },
+    );
+    state
+        .publish(&env)
+        .await
+        .map_err(|e| unavailable_admission(e, &body.request_id))?;
+    view.apply(&env);
+    state.metrics().admitted.fetch_add(1, Ordering::Relaxed);
+    Ok(Json(admission_body(&view, false)).into_response())
+}
+
+/// SPEC §4.5: an admission that could not be recorded answers `503 {"reason":"unavailable"}`.
+fn unavailable_admission(e: ApiError, request_id: &str) -> ApiError {
+    match e {
+        ApiError::Unavailable(detail) => {
+            tracing::warn!(%detail, request_id, "admission not recorded");
+            ApiError::Unavailable(detail)
+        }
+        other => other,
+    }
+}
+
+/// `POST /v1/settle` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleIn {
+    request_id: String,
+    #[serde(default)]
+    usage: AmountsIn,
+    success: Option<bool>,
+    #[serde(rename = "final")]
+    is_final: Option<bool>,
+    seq: Option<u32>,
+    settlement_id: Option<String>,
+    subject: Option<String>,
+    model: Option<String>,
+    at: Option<DateTime<Utc>>,
+}
+
+/// `POST /v1/settle`: replaces the reservation with actual usage (or adds a streaming chunk), or
+/// records direct usage when the request was never admitted.
+#[tracing::instrument(skip_all, fields(request_id = %body.request_id))]
+pub async fn settle(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<SettleIn>,
+) -> Result<Response, ApiError> {
+    validate_name("request_id", &body.request_id)?;
+    let subject = body
+        .subject
+        .as_deref()
+        .map(|s| subject_field("subject", s))
+        .transpose()?;
+    name_field("model", body.model.as_deref())?;
+    name_field("settlement_id", body.settlement_id.as_deref())?;
+    let (success, is_final, seq) = (
+        body.success.unwrap_or(true),
+        body.is_final.unwrap_or(true),
+        body.seq.unwrap_or(0),
+    );
+    // The request itself is counted once, on the successful final settlement.
+    let usage = body
+        .usage
+        .into_usage(i64::from(success && is_final), "usage")?;
+    let at = state.event_time(body.at)?;
+    let settlement_id = body
+        .settlement_id
+        .unwrap_or_else(|| format!("{}:{seq}", body.request_id));
+    let slot = state.slot(&body.request_id)?;
+    let mut view = slot.lock().await;
+    let matched = view.admission.is_some();
+    if view.has_settlement(&settlement_id) {
+        state
+            .metrics()
+            .settlement_retries
+            .fetch_add(1, Ordering::Relaxed);
+        return Ok(settle_accepted(&settlement_id, &body.request_id, matched));
+    }
+    let data = settlement_data(
+        &view,
+        subject.as_ref(),
+        body.model,
+        settlement_id.clone(),
+        usage,
+        (success, is_final, seq),
+        at,
+    )?;
+    let leaf = data.chain[0].clone();
+    let env = Envelope::new(
+        EventData::UsageSettled(data),
+        at,
+        Some(body.request_id.clone()),
+        Some(leaf),
+    );
+    state.publish(&env).await?;
+    view.apply(&env);
+    state.metrics().settlements.fetch_add(1, Ordering::Relaxed);
+    Ok(settle_accepted(&settlement_id, &body.request_id, matched))
+}
+
+fn settle_accepted(settlement_id: &str, request_id: &str, matched: bool) -> Response {
+    let body = json!({"settlement_id": settlement_id, "request_id": request_id, "matched_admission": matched});
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
+fn settlement_data(
+    view: &RequestView,
+    subject: Option<&Subject>,
+    model: Option<String>,
+    settlement_id: String,
+    usage: Usage,
+    (success, is_final, seq): (bool, bool, u32),
+    at: DateTime<Utc>,
+) -> Result<UsageSettled, ApiError> {
+    let mut data = UsageSettled {
+        settlement_id,
+        usage,
+        success,
+        is_final,
+        seq,
+        matched_admission: false,
+        admission_id: None,
+        model,
+        model_group: None,
+        chain: Vec::new(),
+        counted_in_key_global: true,
+        counted_in_user_global: true,
+        window_at: at,
+    };
+    match (&view.admission, subject) {
+        (Some(a), s) => {
+            if s.is_some_and(|s| Some(s) != a.chain.first()) {
+                return Err(ApiError::invalid(
+                    "subject",
+                    "does not match the admitted request's subject",
+                ));
+            }
+            data.matched_admission = true;
+            data.admission_id = Some(a.admission_id);
+            data.model = a.model.clone();
+            data.model_group = a.model_group.clone();
+            data.chain = a.chain.clone();
+            data.counted_in_key_global = a.counted_in_key_global;
+            data.counted_in_user_global = a.counted_in_user_global;
+            data.window_at = view.admitted_at.expect("admitted_at set with admission");
+        }
+        (None, Some(s)) => data.chain = vec![s.clone()],
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "subject",
+                "is required for usage without an admission (direct usage)",
+            ));
+        }
+    }
+    Ok(data)
+}
+
+/// `POST /v1/release` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseIn {
+    request_id: String,
+}
+
+/// `POST /v1/release`: refund the reservation of an admitted, unsettled request. Idempotent.
+#[tracing::instrument(skip_all, fields(request_id = %body.request_id))]
+pub async fn release(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<ReleaseIn>,
+) -> Result<Response, ApiError> {
+    validate_name("request_id", &body.request_id)?;
+    let not_found = || ApiError::NotFound {
+        what: "admission".into(),
+        field: Some("request_id".into()),
+    };
+    let slot = state
+        .requests()
+        .get(&body.request_id)
+        .ok_or_else(not_found)?;
+    let mut view = slot.lock().await;
+    let Some(admission) = &view.admission else {
+        return Err(not_found());
+    };
+    let accepted = |released: bool| {
+        (
+            StatusCode::ACCEPTED,
+            Json(json!({"request_id": body.request_id, "released": released})),
+        )
+            .into_response()
+    };
+    if view.is_closed() {
+        return Ok(accepted(view.state == RequestState::Released));
+    }
+    let data = EventData::ReservationReleased(ReservationEnded {
+        admission_id: admission.admission_id,
+    });
+    let env = Envelope::new(
+        data,
+        Utc::now(),
+        Some(body.request_id.clone()),
+        view.subject.clone(),
+    );
+    state.publish(&env).await?;
+    view.apply(&env);
+    state.metrics().releases.fetch_add(1, Ordering::Relaxed);
+    Ok(accepted(true))
+}
+
+/// `GET /v1/usage?subject=&from=&to=&granularity=&model=`: settled usage per bucket.
+pub async fn usage(State(state): State<AppState>, params: Params) -> Result<Response, ApiError> {
+    let params = params.only(&["subject", "from", "to", "granularity", "model"])?;
+    let subject = subject_field("subject", params.required("subject")?)?;
+    name_field("model", params.get("model"))?;
+    let granularity = match params.get("granularity").unwrap_or("hour") {
+        "minute" => tally_projector::Granularity::Minute,
+        "hour" => tally_projector::Granularity::Hour,
+        "day" => tally_projector::Granularity::Day,
+        _ => {
+            return Err(ApiError::invalid(
+                "granularity",
+                "must be minute, hour or day",
+            ));
+        }
+    };
+    let to = params.time("to")?.unwrap_or_else(Utc::now);
+    let from = params
+        .time("from")?
+        .unwrap_or(to - chrono::Duration::days(1));
+    let series = tally_projector::usage_series(
+        &state.0.db,
+        subject.as_str(),
+        params.get("model"),
+        from,
+        to,
+        granularity,
+    )
+    .await?;
+    Ok(Json(series).into_response())
+}
+
+/// `GET /v1/requests/{request_id}`: the admission, its checks, its settlements and its state.
+/// Answered from the live table, or from the ledger once the request has left it.
+pub async fn request(
+    State(state): State<AppState>,
+    Path(request_id): Path<String>,
+) -> Result<Response, ApiError> {
+    validate_name("request_id", &request_id)?;
+    if let Some(slot) = state.requests().get(&request_id) {
+        let view = slot.lock().await.clone();
+        if view.admission.is_some() || !view.settlements.is_empty() {
+            return Ok(Json(view).into_response());
+        }
+    }
+    let payloads: Vec<(serde_json::Value,)> =
+        sqlx::query_as("SELECT payload FROM ledger WHERE request_id = $1 ORDER BY pos")
+            .bind(&request_id)
+            .fetch_all(&state.0.db)
+            .await?;
+    if payloads.is_empty() {
+        return Err(ApiError::NotFound {
+            what: format!("request `{request_id}`"),
+            field: Some("request_id".into()),
+        });
+    }
+    let mut view = RequestView::new(&request_id);
+    for (p,) in payloads {
+        let env = Envelope::decode(&serde_json::to_vec(&p).expect("json re-encodes"))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        view.apply(&env);
+    }
+    Ok(Json(view).into_response())
+}

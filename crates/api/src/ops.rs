@@ -1,0 +1,179 @@
+//! Operational endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// A projection further behind the ledger than this many rows makes `/readyz` fail.
+pub const MAX_READY_PROJECTION_LAG_ROWS: i64 = 50_000;
+/// Bound on each readiness probe's dependency check: a hung dependency must not hang the probe.
+pub const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: NATS and Postgres reachable, the request tail caught up, projections within lag.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let inner = &state.0;
+    let nats_ok = inner.nats.connection_state() == async_nats::connection::State::Connected;
+    let pg = tokio::time::timeout(
+        READY_CHECK_TIMEOUT,
+        sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&inner.db),
+    )
+    .await;
+    let pg_ok = matches!(pg, Ok(Ok(1)));
+    let tail_ok = inner.tail_ready.load(Ordering::Relaxed);
+    let mut lags = serde_json::Map::new();
+    let mut lag_ok = true;
+    if pg_ok {
+        for (name, _) in &inner.workers.projectors {
+            let lag = tally_projector::runner::lag_rows(&inner.db, name)
+                .await
+                .unwrap_or(i64::MAX);
+            lag_ok &= lag <= MAX_READY_PROJECTION_LAG_ROWS;
+            lags.insert((*name).to_owned(), lag.into());
+        }
+    }
+    let ready = nats_ok && pg_ok && tail_ok && lag_ok;
+    let body = json!({
+        "ready": ready,
+        "checks": {
+            "nats": if nats_ok { "ok" } else { "unreachable" },
+            "postgres": if pg_ok { "ok" } else { "unreachable" },
+            "request_tail": if tail_ok { "caught_up" } else { "catching_up" },
+            "projection_lag_rows": lags,
+        }
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let inner = &state.0;
+    let m = &inner.metrics;
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+        );
+    };
+    counter(
+        "tally_admissions_admitted_total",
+        "Admissions admitted.",
+        m.admitted.load(Ordering::Relaxed),
+    );
+    counter(
+        "tally_admissions_rejected_total",
+        "Admissions refused.",
+        m.rejected.load(Ordering::Relaxed),
+    );
+    counter(
+        "tally_admissions_replayed_total",
+        "Admissions answered from the idempotency table.",
+        m.replayed.load(Ordering::Relaxed),
+    );
+    counter(
+        "tally_settlements_total",
+        "Settlements published.",
+        m.settlements.load(Ordering::Relaxed),
+    );
+    counter(
+        "tally_settlement_retries_total",
+        "Settlements recognised as retries.",
+        m.settlement_retries.load(Ordering::Relaxed),
+    );
+    counter(
+        "tally_releases_total",
+        "Releases published.",
+        m.releases.load(Ordering::Relaxed),
+    );
+    counter(
+        "tally_unavailable_total",
+        "Requests answered 503: an event could not be published.",
+        m.unavailable.load(Ordering::Relaxed),
+    );
+    if let Some(l) = &inner.workers.ledger {
+        counter(
+            "tally_ledger_rows_appended_total",
+            "Ledger rows appended.",
+            l.rows_appended.load(Ordering::Relaxed),
+        );
+        counter(
+            "tally_ledger_duplicates_total",
+            "Messages already in the ledger.",
+            l.duplicates.load(Ordering::Relaxed),
+        );
+        counter(
+            "tally_ledger_rejects_total",
+            "Messages dead-lettered.",
+            l.rejects.load(Ordering::Relaxed),
+        );
+        counter(
+            "tally_ledger_batches_total",
+            "Ledger batches committed.",
+            l.batches.load(Ordering::Relaxed),
+        );
+    }
+    let mut gauge = |name: &str, help: &str, label: Option<&str>, v: i64| {
+        let l = label
+            .map(|p| format!("{{projection=\"{p}\"}}"))
+            .unwrap_or_default();
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{l} {v}\n"
+        );
+    };
+    gauge(
+        "tally_requests_tracked",
+        "Requests in the in-memory table.",
+        None,
+        inner.requests.len() as i64,
+    );
+    if let Some(l) = &inner.workers.ledger {
+        gauge(
+            "tally_ledger_checkpoint",
+            "Last committed stream sequence.",
+            None,
+            l.checkpoint.load(Ordering::Relaxed) as i64,
+        );
+    }
+    for (name, p) in &inner.workers.projectors {
+        gauge(
+            "tally_projection_checkpoint",
+            "Projection checkpoint (ledger pos).",
+            Some(name),
+            p.checkpoint.load(Ordering::Relaxed),
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// `GET /openapi.json`: the routes this build serves.
+pub async fn openapi() -> Json<serde_json::Value> {
+    Json(serde_json::from_str(include_str!("openapi.json")).expect("openapi.json is valid JSON"))
+}
+
+/// Unknown routes get the standard error body.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound {
+        what: "route".into(),
+        field: None,
+    }
+}

@@ -1,0 +1,97 @@
+//! The in-memory request table: every request seen within the reservation TTL, folded from this
+//! instance's own writes and from the stream (so a settlement may reach any instance, and an
+//! admission retried after a restart is recognised).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tally_events::{Envelope, RequestView};
+
+/// Most requests tracked at once. At 10k admissions/s with a 15-minute TTL a busy instance holds
+/// about 9M; this bound stops an unbounded flood of distinct request ids from exhausting memory
+/// (new admissions then get 503 until the sweep frees room).
+pub const MAX_TRACKED_REQUESTS: usize = 4_000_000;
+
+/// One tracked request; the async mutex serializes admission/settlement of the same request id.
+pub type Slot = Arc<tokio::sync::Mutex<RequestView>>;
+
+struct Entry {
+    slot: Slot,
+    seen: Instant,
+}
+
+/// Requests by id.
+pub struct RequestTable {
+    map: Mutex<HashMap<String, Entry>>,
+    ttl: Duration,
+}
+
+impl RequestTable {
+    /// A table keeping requests for `ttl` after they were last touched.
+    pub fn new(ttl: Duration) -> Self {
+        RequestTable {
+            map: Mutex::new(HashMap::new()),
+            ttl,
+        }
+    }
+
+    /// The slot of `request_id`, created empty if absent. `None` when the table is full.
+    pub fn slot(&self, request_id: &str) -> Option<Slot> {
+        let mut map = self.map.lock().expect("request table lock");
+        if let Some(e) = map.get_mut(request_id) {
+            e.seen = Instant::now();
+            return Some(e.slot.clone());
+        }
+        if map.len() >= MAX_TRACKED_REQUESTS {
+            return None;
+        }
+        let slot: Slot = Arc::new(tokio::sync::Mutex::new(RequestView::new(request_id)));
+        map.insert(
+            request_id.to_owned(),
+            Entry {
+                slot: slot.clone(),
+                seen: Instant::now(),
+            },
+        );
+        Some(slot)
+    }
+
+    /// The slot of `request_id` if tracked.
+    pub fn get(&self, request_id: &str) -> Option<Slot> {
+        self.map
+            .lock()
+            .expect("request table lock")
+            .get(request_id)
+            .map(|e| e.slot.clone())
+    }
+
+    /// Fold an event from the stream into its request (idempotent).
+    pub async fn apply(&self, env: &Envelope) {
+        let Some(rid) = env.request_id.as_deref() else {
+            return;
+        };
+        if let Some(slot) = self.slot(rid) {
+            slot.lock().await.apply(env);
+        }
+    }
+
+    /// Drop requests untouched for longer than the TTL (plus a grace for late settlements, which
+    /// then fall back to the ledger). Returns how many remain.
+    pub fn sweep(&self) -> usize {
+        let horizon = self.ttl * 2;
+        let mut map = self.map.lock().expect("request table lock");
+        map.retain(|_, e| e.seen.elapsed() < horizon);
+        map.len()
+    }
+
+    /// How many requests are tracked.
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("request table lock").len()
+    }
+
+    /// True when nothing is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
