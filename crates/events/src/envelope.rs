@@ -355,7 +355,7 @@ struct Raw<D> {
 fn malformed(e: serde_path_to_error::Error<serde_json::Error>, prefix: &str) -> Error {
     let path = e.path().to_string();
     let field = match (prefix, path.as_str()) {
-        (_, ".") | (_, "") => None,
+        (_, ".") | (_, "") | (_, "?") => None,
         ("", p) => Some(p.to_owned()),
         (pre, p) => Some(format!("{pre}.{p}")),
     };

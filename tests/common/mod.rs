@@ -1,0 +1,239 @@
+//! Shared harness of the end-to-end tests: each test gets its own JetStream stream and its own
+//! Postgres database on the real servers, so tests run in parallel and never share state.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use sqlx::{Connection, PgPool};
+use tally::cli::{Cli, Command, CommonArgs};
+use tally::stack::{self, Connections, Shutdown};
+use tokio::task::JoinHandle;
+
+/// Admin token of test stacks.
+pub const ADMIN: &str = "test-admin-token";
+/// API token of test stacks.
+pub const API: &str = "test-api-token";
+/// Longest any test waits for the pipeline to settle; far above the expected milliseconds, so
+/// only a real failure hits it.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+pub fn server_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `server_url` with its database replaced by `db`.
+pub fn database_url(db: &str) -> String {
+    let base = server_url();
+    let (head, tail) = base
+        .rsplit_once('/')
+        .expect("DATABASE_URL has a database part");
+    let query = tail
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    format!("{head}/{db}{query}")
+}
+
+/// A private stream and database.
+pub struct TestEnv {
+    pub stream: String,
+    pub db_name: String,
+    pub db_url: String,
+    pub common: CommonArgs,
+    pub conns: Connections,
+}
+
+impl TestEnv {
+    pub async fn new(extra: &[&str]) -> TestEnv {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let stream = format!("T_{id}");
+        let db_name = format!("tally_t_{id}");
+        let mut admin = sqlx::PgConnection::connect(&server_url())
+            .await
+            .expect("connect to Postgres");
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let db_url = database_url(&db_name);
+        let mut args = vec![
+            "tally",
+            "api",
+            "--stream",
+            &stream,
+            "--admin-tokens",
+            ADMIN,
+            "--api-tokens",
+            API,
+            "--partitions",
+            "4",
+        ];
+        args.extend_from_slice(extra);
+        let Command::Api(common) = Cli::parse_from(args).command else {
+            unreachable!()
+        };
+        let conns = stack::connect(&common, &nats_url(), &db_url)
+            .await
+            .expect("connect test stack");
+        TestEnv {
+            stream,
+            db_name,
+            db_url,
+            common,
+            conns,
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.conns.pool
+    }
+
+    /// Environment for a `tally` child process pointed at this env.
+    pub fn child_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("NATS_URL", nats_url()),
+            ("DATABASE_URL", self.db_url.clone()),
+            ("TALLY_STREAM", self.stream.clone()),
+            ("TALLY_PARTITIONS", "4".into()),
+            ("TALLY_LOG", "warn".into()),
+        ]
+    }
+
+    pub async fn ledger_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM ledger")
+            .fetch_one(self.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Wait until `f` returns true, panicking after [`SETTLE_TIMEOUT`].
+    pub async fn eventually<F, Fut>(&self, what: &str, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let start = Instant::now();
+        while !f().await {
+            assert!(
+                start.elapsed() < SETTLE_TIMEOUT,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Delete the streams and drop the database.
+    pub async fn cleanup(self) {
+        let (dlq, _) = self.conns.stream.dead_letter();
+        let _ = self.conns.js.delete_stream(&self.stream).await;
+        let _ = self.conns.js.delete_stream(&dlq).await;
+        self.conns.pool.close().await;
+        if let Ok(mut admin) = sqlx::PgConnection::connect(&server_url()).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
+            .execute(&mut admin)
+            .await;
+        }
+    }
+}
+
+/// The whole stack (API, ledger writer, usage projector) in this process, on a free port.
+pub struct Stack {
+    pub addr: SocketAddr,
+    pub shutdown: Shutdown,
+    pub handles: Vec<JoinHandle<anyhow::Result<()>>>,
+    pub tail: JoinHandle<()>,
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    pub async fn start(env: &TestEnv) -> Stack {
+        Self::start_with(env, true).await
+    }
+
+    /// `with_ledger = false` runs the API and projectors only (the test runs its own writer).
+    pub async fn start_with(env: &TestEnv, with_ledger: bool) -> Stack {
+        let shutdown = Shutdown::default();
+        let (mut workers, mut handles) = stack::spawn_projectors(&env.conns, &shutdown);
+        if with_ledger {
+            let (stats, h) = stack::spawn_ledger(&env.conns, &shutdown);
+            workers.ledger = Some(stats);
+            handles.push(h);
+        }
+        let tokens = tally_api::Tokens::from_lists(ADMIN, API);
+        let (state, tail) = stack::api_state(&env.conns, &env.common, tokens, workers);
+        let (addr, api) = stack::spawn_api("127.0.0.1:0".parse().unwrap(), state, &shutdown)
+            .await
+            .unwrap();
+        handles.push(api);
+        let stack = Stack {
+            addr,
+            shutdown,
+            handles,
+            tail,
+            http: reqwest::Client::new(),
+        };
+        stack.wait_ready().await;
+        stack
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn wait_ready(&self) {
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = self.http.get(self.url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(start.elapsed() < SETTLE_TIMEOUT, "stack never became ready");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(API)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(API)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        self.tail.abort();
+        for h in self.handles {
+            let _ = h.await;
+        }
+    }
+}

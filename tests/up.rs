@@ -1,0 +1,107 @@
+//! `tally up` starts from nothing, on free ports, with private NATS and Postgres under a private
+//! data directory, answers `/readyz`, and stops what it started on SIGTERM.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+/// Private Postgres needs initdb (several seconds on a slow disk) before it can answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_starts_private_services_and_becomes_ready() {
+    let dir = std::env::temp_dir().join(format!("tally-up-{}", uuid::Uuid::new_v4().simple()));
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["up", "--services", "private", "--install-missing", "false"])
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["--http-addr", &format!("127.0.0.1:{port}")])
+        .env_remove("NATS_URL")
+        .env_remove("DATABASE_URL")
+        .env("TALLY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    let http = reqwest::Client::new();
+    let start = Instant::now();
+    let ready = loop {
+        assert!(
+            start.elapsed() < READY_TIMEOUT,
+            "tally up never became ready; printed {printed:?}"
+        );
+        tokio::select! {
+            line = lines.next_line() => match line.unwrap() {
+                Some(l) => printed.push(l),
+                None => panic!("tally up exited: {:?}; printed {printed:?}", child.wait().await),
+            },
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/readyz")).send().await {
+                    if r.status() == 200 { break r.json::<serde_json::Value>().await.unwrap(); }
+                }
+            }
+        }
+    };
+    println!(
+        "ready after {:?}: {ready}\nprinted: {printed:#?}",
+        start.elapsed()
+    );
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.contains(&format!("API http://127.0.0.1:{port}")))
+    );
+    let token_line = printed
+        .iter()
+        .find(|l| l.contains("api token"))
+        .expect("prints the API token");
+    let token = token_line.rsplit(' ').next().unwrap();
+    let r = http
+        .get(format!("http://127.0.0.1:{port}/v1/usage?subject=key:k"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the printed token works");
+    let nats_line = printed.iter().find(|l| l.contains("NATS")).unwrap();
+    assert!(
+        !nats_line.contains(":4222"),
+        "private NATS on a free port, not the system one: {nats_line}"
+    );
+    assert!(
+        dir.join("pg").exists() && dir.join("nats").exists(),
+        "private data under --data-dir"
+    );
+
+    // SIGTERM: graceful stop, private servers stopped.
+    let pid = child.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("stops on SIGTERM")
+        .unwrap();
+    println!("tally up exited with {status}");
+    assert!(status.success());
+    assert!(
+        !dir.join("pg").join("postmaster.pid").exists(),
+        "private Postgres stopped"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
