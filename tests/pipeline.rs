@@ -28,7 +28,19 @@ type Amounts = (i64, i64, i64, i64, i64);
 type LedgerRow = (String, Amounts, bool, bool, Vec<String>, DateTime<Utc>);
 
 async fn ledger_rows(env: &TestEnv, request_id: &str) -> Vec<LedgerRow> {
-    let rows: Vec<(String, i64, i64, i64, i64, i64, bool, bool, Vec<String>, DateTime<Utc>)> = sqlx::query_as(
+    type Row = (
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        bool,
+        bool,
+        Vec<String>,
+        DateTime<Utc>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT event_type, requests, input_tokens, output_tokens, cost, credits, counted_in_key_global, \
          counted_in_user_global, chain, window_at FROM ledger WHERE request_id = $1 ORDER BY pos",
     )

@@ -50,8 +50,10 @@ async fn up_starts_private_services_and_becomes_ready() {
                 None => panic!("tally up exited: {:?}; printed {printed:?}", child.wait().await),
             },
             _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/readyz")).send().await {
-                    if r.status() == 200 { break r.json::<serde_json::Value>().await.unwrap(); }
+                if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/readyz")).send().await
+                    && r.status() == 200
+                {
+                    break r.json::<serde_json::Value>().await.unwrap();
                 }
             }
         }

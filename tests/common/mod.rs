@@ -194,10 +194,10 @@ impl Stack {
     pub async fn wait_ready(&self) {
         let start = Instant::now();
         loop {
-            if let Ok(r) = self.http.get(self.url("/readyz")).send().await {
-                if r.status() == 200 {
-                    return;
-                }
+            if let Ok(r) = self.http.get(self.url("/readyz")).send().await
+                && r.status() == 200
+            {
+                return;
             }
             assert!(start.elapsed() < SETTLE_TIMEOUT, "stack never became ready");
             tokio::time::sleep(Duration::from_millis(25)).await;

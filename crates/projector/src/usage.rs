@@ -91,22 +91,18 @@ fn rollup(minutes: &UsageTotals, g: Granularity) -> UsageTotals {
 }
 
 async fn upsert(tx: &mut PgConnection, g: Granularity, totals: &UsageTotals) -> Result<(), Error> {
-    let mut cols: (
-        Vec<&str>,
-        Vec<&str>,
-        Vec<&str>,
-        Vec<bool>,
-        Vec<bool>,
-        Vec<DateTime<Utc>>,
-    ) = Default::default();
+    // Column arrays for UNNEST: names (subject, model, model group), flags (key, user), buckets.
+    let mut names: [Vec<&str>; 3] = Default::default();
+    let mut flags: [Vec<bool>; 2] = Default::default();
+    let mut buckets: Vec<DateTime<Utc>> = Vec::with_capacity(totals.len());
     let mut amounts: [Vec<i64>; 5] = Default::default();
     for (k, u) in totals {
-        cols.0.push(&k.subject);
-        cols.1.push(&k.model);
-        cols.2.push(&k.model_group);
-        cols.3.push(k.counted_in_key_global);
-        cols.4.push(k.counted_in_user_global);
-        cols.5.push(k.minute);
+        names[0].push(&k.subject);
+        names[1].push(&k.model);
+        names[2].push(&k.model_group);
+        flags[0].push(k.counted_in_key_global);
+        flags[1].push(k.counted_in_user_global);
+        buckets.push(k.minute);
         for (slot, (_, v)) in amounts.iter_mut().zip(u.fields()) {
             slot.push(v);
         }
@@ -123,13 +119,15 @@ async fn upsert(tx: &mut PgConnection, g: Granularity, totals: &UsageTotals) -> 
         t = g.table()
     );
     let [requests, input, output, cost, credits] = amounts;
+    let [subjects, models, model_groups] = names;
+    let [key_global, user_global] = flags;
     sqlx::query(&sql)
-        .bind(cols.0)
-        .bind(cols.1)
-        .bind(cols.2)
-        .bind(cols.3)
-        .bind(cols.4)
-        .bind(cols.5)
+        .bind(subjects)
+        .bind(models)
+        .bind(model_groups)
+        .bind(key_global)
+        .bind(user_global)
+        .bind(buckets)
         .bind(requests)
         .bind(input)
         .bind(output)

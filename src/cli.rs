@@ -1,0 +1,151 @@
+//! Command-line interface: every setting is a flag with an environment variable beside it, the
+//! same for every subcommand that uses it (SPEC §9).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::services::ServicesMode;
+
+/// Tally: event-sourced usage ledger and quota engine.
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Everything in one process: API, ledger writer and projectors (finds or starts NATS/Postgres).
+    Up(UpArgs),
+    /// The HTTP API only.
+    Api(CommonArgs),
+    /// The ledger writer only.
+    Ledger(CommonArgs),
+    /// The projection workers only.
+    Project(CommonArgs),
+    /// Apply database migrations and create/update the stream, then exit.
+    Migrate(CommonArgs),
+    /// Load generator: admit + settle through the real stack, with raw baselines (SPEC §11).
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Settings shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Address the API listens on.
+    #[arg(long, env = "TALLY_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Postgres URL.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// JetStream stream name; deployments with different names share nothing.
+    #[arg(long, env = "TALLY_STREAM", default_value = "TALLY")]
+    pub stream: String,
+    /// Usage partitions (fixed when the stream is created).
+    #[arg(long, env = "TALLY_PARTITIONS", default_value_t = tally_events::DEFAULT_PARTITIONS)]
+    pub partitions: u16,
+    /// How long the stream keeps events (Postgres is the system of record).
+    #[arg(long, env = "TALLY_STREAM_MAX_AGE", default_value = "7d", value_parser = parse_duration)]
+    pub stream_max_age: Duration,
+    /// Stream byte cap (-1 = unlimited).
+    #[arg(long, env = "TALLY_STREAM_MAX_BYTES", default_value_t = -1, allow_negative_numbers = true)]
+    pub stream_max_bytes: i64,
+    /// Stream replicas (3 in a NATS cluster).
+    #[arg(long, env = "TALLY_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+    /// Reservation lifetime, on the server's clock.
+    #[arg(long, env = "TALLY_RESERVATION_TTL", default_value = "15m", value_parser = parse_duration)]
+    pub reservation_ttl: Duration,
+    /// How far in the past a request's `at` may be.
+    #[arg(long, env = "TALLY_MAX_BACKFILL", default_value = "35d", value_parser = parse_duration)]
+    pub max_backfill: Duration,
+    /// How far in the future a request's `at` may be.
+    #[arg(long, env = "TALLY_MAX_CLOCK_SKEW", default_value = "5m", value_parser = parse_duration)]
+    pub max_clock_skew: Duration,
+    /// Admin tokens, comma-separated (all endpoints).
+    #[arg(
+        long,
+        env = "TALLY_ADMIN_TOKENS",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub admin_tokens: String,
+    /// API tokens, comma-separated (data plane and reads).
+    #[arg(
+        long,
+        env = "TALLY_API_TOKENS",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub api_tokens: String,
+    /// Serve without authentication (development only).
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+}
+
+/// `tally up` settings.
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// Shared settings.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// auto: use given URLs, else local NATS/Postgres if they answer, else start private ones;
+    /// private: always start private ones; external: require both URLs.
+    #[arg(long, env = "TALLY_SERVICES", value_enum, default_value = "auto")]
+    pub services: ServicesMode,
+    /// Where private NATS/Postgres keep their data.
+    #[arg(long, env = "TALLY_DATA_DIR", default_value = "./.tally")]
+    pub data_dir: PathBuf,
+    /// Install a missing `nats-server` / `postgresql` Debian package with apt-get (as root).
+    #[arg(long, env = "TALLY_INSTALL_MISSING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub install_missing: bool,
+}
+
+/// Parse `90s`, `15m`, `5h`, `35d`, `2w` (and `0`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let bad = || format!("`{text}` is not a duration like 90s, 15m, 5h, 35d or 2w");
+    let (n, unit) = text.split_at(text.len().checked_sub(1).ok_or_else(bad)?);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("35d"), Ok(Duration::from_secs(35 * 86_400)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("15").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("1.5h").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

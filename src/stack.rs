@@ -1,0 +1,232 @@
+//! Wiring: connect to NATS and Postgres, prepare the stream and schema, and start the API, the
+//! ledger writer and the projectors as tasks of one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tally_api::{ApiConfig, AppState, Tokens, WorkerStats};
+use tally_ledger::{LedgerWriter, Publisher, StreamSettings, WriterSettings};
+use tally_projector::{Projector, UsageProjection};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cli::CommonArgs;
+
+/// Postgres connections per process: the writer and projectors hold one each while committing;
+/// the rest serve API reads. More would only queue inside Postgres on a 2-core machine.
+pub const MAX_DB_CONNECTIONS: u32 = 16;
+/// How long a caller waits for a pooled connection before the request fails (503) instead of
+/// hanging while Postgres is down.
+pub const DB_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on connecting to NATS at start-up.
+pub const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Live connections and the stream settings.
+#[derive(Clone)]
+pub struct Connections {
+    /// NATS client.
+    pub nats: async_nats::Client,
+    /// JetStream context.
+    pub js: jetstream::Context,
+    /// Postgres pool.
+    pub pool: PgPool,
+    /// The stream.
+    pub stream: StreamSettings,
+}
+
+/// Connect, migrate and ensure the stream.
+pub async fn connect(
+    common: &CommonArgs,
+    nats_url: &str,
+    database_url: &str,
+) -> anyhow::Result<Connections> {
+    let nats = async_nats::ConnectOptions::new()
+        .name("tally")
+        .connection_timeout(NATS_CONNECT_TIMEOUT)
+        .retry_on_initial_connect()
+        .connect(nats_url)
+        .await
+        .with_context(|| format!("connecting to NATS at {nats_url}"))?;
+    let nats = tokio::time::timeout(NATS_CONNECT_TIMEOUT * 2, async {
+        while nats.connection_state() != async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        nats
+    })
+    .await
+    .with_context(|| format!("NATS at {nats_url} did not answer"))?;
+    let pool = PgPoolOptions::new()
+        .max_connections(MAX_DB_CONNECTIONS)
+        .acquire_timeout(DB_ACQUIRE_TIMEOUT)
+        .connect(database_url)
+        .await
+        .with_context(|| format!("connecting to Postgres at {}", redact(database_url)))?;
+    tally_ledger::migrate(&pool).await?;
+    let js = jetstream::new(nats.clone());
+    let stream = StreamSettings {
+        name: common.stream.clone(),
+        partitions: common.partitions,
+        max_age: common.stream_max_age,
+        max_bytes: common.stream_max_bytes,
+        replicas: common.stream_replicas,
+    };
+    tally_ledger::stream::ensure_stream(&js, &stream).await?;
+    Ok(Connections {
+        nats,
+        js,
+        pool,
+        stream,
+    })
+}
+
+/// A URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
+/// A broadcast "stop now".
+#[derive(Clone)]
+pub struct Shutdown(watch::Sender<bool>);
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown(watch::channel(false).0)
+    }
+}
+
+impl Shutdown {
+    /// Ask every task to stop.
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once [`Shutdown::trigger`] was called.
+    pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+}
+
+/// Start the ledger writer.
+pub fn spawn_ledger(
+    c: &Connections,
+    shutdown: &Shutdown,
+) -> (
+    Arc<tally_ledger::writer::WriterStats>,
+    JoinHandle<anyhow::Result<()>>,
+) {
+    let writer = LedgerWriter::new(
+        c.js.clone(),
+        c.pool.clone(),
+        c.stream.clone(),
+        WriterSettings::default(),
+    );
+    let stats = writer.stats();
+    let stop = shutdown.wait();
+    (
+        stats,
+        tokio::spawn(async move { writer.run(stop).await.map_err(Into::into) }),
+    )
+}
+
+/// Start every registered projection.
+pub fn spawn_projectors(
+    c: &Connections,
+    shutdown: &Shutdown,
+) -> (WorkerStats, Vec<JoinHandle<anyhow::Result<()>>>) {
+    let projections: Vec<Arc<dyn tally_projector::Projection>> = vec![Arc::new(UsageProjection)];
+    let mut stats = WorkerStats::default();
+    let mut handles = Vec::new();
+    for p in projections {
+        let name = p.name();
+        let projector = Projector::new(c.pool.clone(), p);
+        stats.projectors.push((name, projector.stats()));
+        let stop = shutdown.wait();
+        handles.push(tokio::spawn(async move {
+            projector.run(stop).await.map_err(Into::into)
+        }));
+    }
+    (stats, handles)
+}
+
+/// Build the API state and start its stream tail.
+pub fn api_state(
+    c: &Connections,
+    common: &CommonArgs,
+    tokens: Tokens,
+    workers: WorkerStats,
+) -> (AppState, JoinHandle<()>) {
+    let config = ApiConfig {
+        reservation_ttl: common.reservation_ttl,
+        max_backfill: common.max_backfill,
+        max_clock_skew: common.max_clock_skew,
+    };
+    let publisher = Publisher::new(c.js.clone(), c.stream.clone());
+    let state = AppState::new(
+        publisher,
+        c.nats.clone(),
+        c.pool.clone(),
+        tokens,
+        config,
+        workers,
+    );
+    let tail = tokio::spawn(tally_api::tail::run(state.clone()));
+    (state, tail)
+}
+
+/// Bind and serve the API until shutdown.
+pub async fn spawn_api(
+    addr: SocketAddr,
+    state: AppState,
+    shutdown: &Shutdown,
+) -> anyhow::Result<(SocketAddr, JoinHandle<anyhow::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let bound = listener.local_addr()?;
+    let stop = shutdown.wait();
+    let handle = tokio::spawn(async move {
+        tally_api::serve(listener, tally_api::app(state), stop)
+            .await
+            .map_err(Into::into)
+    });
+    Ok((bound, handle))
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn os_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}
