@@ -1,0 +1,772 @@
+//! `tally bench` (SPEC §11): admit + settle pairs through the real stack (HTTP, JetStream, ledger
+//! writer, projectors), and in the same run the machine's raw limits (a trivial HTTP round trip, a
+//! raw JetStream publish + ack, a raw batched Postgres insert), so every figure comes with its
+//! ratio to what the hardware can do at all.
+//!
+//! Everything runs against a fresh stream (`BENCH_<id>`) and a fresh database (`tally_bench_<id>`)
+//! on the servers `tally up` would use, and both are removed afterwards unless `--keep`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream;
+use serde_json::json;
+use sqlx::{Connection as _, PgPool};
+use tally_api::Tokens;
+
+use crate::cli::{CommonArgs, parse_duration};
+use crate::services::{Services, ServicesMode, ServicesOptions};
+use crate::stack::{self, Connections, Shutdown};
+
+/// Upper bound on concurrent clients: each is a task with a keep-alive connection; beyond this
+/// the client side, not Tally, is what gets measured on a small machine.
+pub const MAX_CLIENTS: usize = 4096;
+/// Rows per statement in the raw Postgres baseline, the ledger writer's batch size.
+const RAW_PG_BATCH_ROWS: usize = 1000;
+/// Payload of the raw JetStream baseline: about an admission event's encoded size.
+const RAW_PAYLOAD_BYTES: usize = 420;
+/// How often projection lag is sampled while the load runs.
+const LAG_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// Bound on waiting for the ledger and projections to absorb the load after it stops.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `tally bench` settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Shared settings (`--nats-url`, `--database-url`; the stream and HTTP address are the
+    /// bench's own).
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Concurrent HTTP clients, each doing admit then settle in a loop.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Measured load duration.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Load before measuring (connections, caches, JIT-free but not cold).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Duration of each raw baseline.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub baseline_duration: Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep the bench stream and database for inspection.
+    #[arg(long)]
+    pub keep: bool,
+    /// Where private NATS/Postgres live if none answer (as for `tally up`).
+    #[arg(long, default_value = "./.tally")]
+    pub data_dir: std::path::PathBuf,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50_us: u64,
+    /// 99th.
+    pub p99_us: u64,
+    /// 99.9th.
+    pub p999_us: u64,
+    /// Worst.
+    pub max_us: u64,
+}
+
+impl Percentiles {
+    fn of(mut samples: Vec<u64>) -> Percentiles {
+        samples.sort_unstable();
+        let at = |q: f64| -> u64 {
+            if samples.is_empty() {
+                return 0;
+            }
+            let i = ((samples.len() as f64) * q).ceil() as usize;
+            samples[i.clamp(1, samples.len()) - 1]
+        };
+        Percentiles {
+            p50_us: at(0.50),
+            p99_us: at(0.99),
+            p999_us: at(0.999),
+            max_us: at(1.0),
+        }
+    }
+}
+
+/// The raw limits measured in this run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Baselines {
+    /// Trivial HTTP round trips per second (same client count, same HTTP stack).
+    pub http_requests_per_s: f64,
+    /// Its latency.
+    pub http_latency: Percentiles,
+    /// JetStream publishes acked per second (same concurrency, event-sized payload).
+    pub jetstream_publishes_per_s: f64,
+    /// Ack latency.
+    pub jetstream_ack_latency: Percentiles,
+    /// Rows per second inserted in batches of 1000 by one connection (as the ledger writer does).
+    pub postgres_rows_per_s: f64,
+}
+
+/// What the load achieved.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadResult {
+    /// Admit + settle pairs completed per second in the measured window.
+    pub pairs_per_s: f64,
+    /// HTTP requests per second (two per pair).
+    pub http_requests_per_s: f64,
+    /// Events published per second (two per pair).
+    pub events_per_s: f64,
+    /// `POST /v1/admit` latency.
+    pub admission_latency: Percentiles,
+    /// `POST /v1/settle` latency.
+    pub settle_latency: Percentiles,
+    /// Non-2xx answers and transport errors during the measured window.
+    pub errors: u64,
+    /// Time from an event's occurrence to its ledger row (recorded_at − occurred_at).
+    pub ledger_lag_ms: LagMs,
+    /// Age of the oldest ledger row the usage projection had not folded, sampled every 100 ms.
+    pub projection_lag_ms: LagMs,
+    /// After the load stopped: until every event was in the ledger and projected.
+    pub drain_ms: u64,
+    /// Ledger rows written by the run (warm-up included).
+    pub ledger_rows: i64,
+    /// Peak resident set of this process (stack and clients together), MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// Lag percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct LagMs {
+    /// Median.
+    pub p50: f64,
+    /// 99th.
+    pub p99: f64,
+    /// Worst.
+    pub max: f64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Measured seconds.
+    pub duration_s: f64,
+    /// Raw limits.
+    pub baselines: Baselines,
+    /// The stack under load.
+    pub load: LoadResult,
+    /// HTTP requests/s as a fraction of the trivial HTTP round trip.
+    pub ratio_http: f64,
+    /// Events/s as a fraction of raw JetStream publish + ack.
+    pub ratio_jetstream: f64,
+    /// Ledger rows/s (two per pair) as a fraction of the raw batched insert.
+    pub ratio_postgres: f64,
+}
+
+/// Run the benchmark and print the report.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.clients == 0 || args.clients > MAX_CLIENTS {
+        bail!("--clients must be between 1 and {MAX_CLIENTS}");
+    }
+    if args.duration.is_zero() || args.baseline_duration.is_zero() {
+        bail!("--duration and --baseline-duration must be above zero");
+    }
+    let mut services = Services::ensure(&ServicesOptions {
+        mode: ServicesMode::Auto,
+        nats_url: args.common.nats_url.clone(),
+        database_url: args.common.database_url.clone(),
+        data_dir: args.data_dir.clone(),
+        install_missing: false,
+    })
+    .await?;
+    let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+    let db_name = format!("tally_bench_{id}");
+    let db_url = with_database(&services.database_url, &db_name)?;
+    create_database(&services.database_url, &db_name).await?;
+    let mut common = args.common.clone();
+    common.stream = format!("BENCH_{}", id.to_uppercase());
+    common.stream_max_age = Duration::from_secs(3600);
+    let result = bench_on(&args, &common, &services.nats_url, &db_url).await;
+    if !args.keep {
+        cleanup(&services, &common, &db_name).await;
+    } else {
+        eprintln!("kept stream {} and database {db_name}", common.stream);
+    }
+    services.stop().await?;
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+async fn bench_on(
+    args: &BenchArgs,
+    common: &CommonArgs,
+    nats_url: &str,
+    db_url: &str,
+) -> anyhow::Result<Report> {
+    let conns = stack::connect(common, nats_url, db_url).await?;
+    eprintln!("bench: raw baselines, {:?} each", args.baseline_duration);
+    let baselines = raw_baselines(args, &conns).await?;
+    eprintln!(
+        "bench: {} clients, {:?} warm-up, {:?} measured",
+        args.clients, args.warmup, args.duration
+    );
+    let load = run_load(args, common, &conns).await?;
+    let pair_rows_per_s = load.events_per_s;
+    Ok(Report {
+        clients: args.clients,
+        duration_s: args.duration.as_secs_f64(),
+        ratio_http: load.http_requests_per_s / baselines.http_requests_per_s,
+        ratio_jetstream: load.events_per_s / baselines.jetstream_publishes_per_s,
+        ratio_postgres: pair_rows_per_s / baselines.postgres_rows_per_s,
+        baselines,
+        load,
+    })
+}
+
+async fn raw_baselines(args: &BenchArgs, conns: &Connections) -> anyhow::Result<Baselines> {
+    let (http_requests_per_s, http_latency) = raw_http(args).await?;
+    let (jetstream_publishes_per_s, jetstream_ack_latency) = raw_jetstream(args, conns).await?;
+    let postgres_rows_per_s = raw_postgres(args, &conns.pool).await?;
+    Ok(Baselines {
+        http_requests_per_s,
+        http_latency,
+        jetstream_publishes_per_s,
+        jetstream_ack_latency,
+        postgres_rows_per_s,
+    })
+}
+
+/// Run `clients` copies of `op` for `duration`, returning completed ops and their latencies.
+async fn closed_loop<F, Fut>(clients: usize, duration: Duration, op: F) -> (u64, Vec<u64>)
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let deadline = Instant::now() + duration;
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let (op, counter) = (op.clone(), counter.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < deadline {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let t = Instant::now();
+                if op(n).await {
+                    lat.push(t.elapsed().as_micros() as u64);
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    (all.len() as u64, all)
+}
+
+async fn raw_http(args: &BenchArgs) -> anyhow::Result<(f64, Percentiles)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = client(args.clients)?;
+    let url = format!("http://{addr}/");
+    let (n, lat) = closed_loop(args.clients, args.baseline_duration, move |_| {
+        let (http, url) = (http.clone(), url.clone());
+        async move { matches!(http.get(&url).send().await, Ok(r) if r.status().is_success()) }
+    })
+    .await;
+    server.abort();
+    Ok((
+        n as f64 / args.baseline_duration.as_secs_f64(),
+        Percentiles::of(lat),
+    ))
+}
+
+async fn raw_jetstream(
+    args: &BenchArgs,
+    conns: &Connections,
+) -> anyhow::Result<(f64, Percentiles)> {
+    let name = format!("{}_RAW", conns.stream.name);
+    let subject = format!("bench-raw.{}", name.to_lowercase());
+    conns
+        .js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{subject}.>")],
+            storage: jetstream::stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            max_age: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await
+        .context("creating the raw baseline stream")?;
+    let js = conns.js.clone();
+    let payload = bytes_of(RAW_PAYLOAD_BYTES);
+    let (n, lat) = closed_loop(args.clients, args.baseline_duration, move |i| {
+        let (js, subject, payload) = (js.clone(), subject.clone(), payload.clone());
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", uuid::Uuid::now_v7().to_string().as_str());
+            match js
+                .publish_with_headers(format!("{subject}.{}", i % 16), headers, payload)
+                .await
+            {
+                Ok(ack) => ack.await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    let _ = conns.js.delete_stream(&name).await;
+    Ok((
+        n as f64 / args.baseline_duration.as_secs_f64(),
+        Percentiles::of(lat),
+    ))
+}
+
+fn bytes_of(len: usize) -> bytes::Bytes {
+    bytes::Bytes::from(vec![b'x'; len])
+}
+
+/// Batched inserts of ledger-shaped rows (uuid key, timestamps, amounts, jsonb payload) by one
+/// connection in one transaction per batch: what the ledger writer does, minus decoding.
+async fn raw_postgres(args: &BenchArgs, pool: &PgPool) -> anyhow::Result<f64> {
+    sqlx::query(
+        "CREATE TABLE bench_raw (id uuid PRIMARY KEY, occurred_at timestamptz NOT NULL, \
+         recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(), subject text NOT NULL, \
+         chain text[] NOT NULL, cost bigint NOT NULL, input_tokens bigint NOT NULL, payload jsonb NOT NULL)",
+    )
+    .execute(pool)
+    .await?;
+    let payload =
+        json!({"request_id": "r", "subject": "key:k", "usage": {"cost": 1, "input_tokens": 2}});
+    let deadline = Instant::now() + args.baseline_duration;
+    let started = Instant::now();
+    let mut rows = 0u64;
+    while Instant::now() < deadline {
+        let ids: Vec<uuid::Uuid> = (0..RAW_PG_BATCH_ROWS)
+            .map(|_| uuid::Uuid::now_v7())
+            .collect();
+        let payloads = vec![payload.clone(); RAW_PG_BATCH_ROWS];
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO bench_raw (id, occurred_at, subject, chain, cost, input_tokens, payload) \
+             SELECT id, now(), 'key:k', ARRAY['key:k'], 1, 2, p FROM UNNEST($1::uuid[], $2::jsonb[]) AS t(id, p) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&payloads)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows += RAW_PG_BATCH_ROWS as u64;
+    }
+    sqlx::query("DROP TABLE bench_raw").execute(pool).await?;
+    Ok(rows as f64 / started.elapsed().as_secs_f64())
+}
+
+fn client(clients: usize) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .tcp_nodelay(true)
+        .build()?)
+}
+
+/// Shared between the load's clients.
+struct LoadCtx {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    measuring: AtomicBool,
+    errors: AtomicU64,
+    run: String,
+}
+
+async fn run_load(
+    args: &BenchArgs,
+    common: &CommonArgs,
+    conns: &Connections,
+) -> anyhow::Result<LoadResult> {
+    let token = format!("bench_{}", uuid::Uuid::new_v4().simple());
+    let tokens = Tokens::from_lists("", &token);
+    let shutdown = Shutdown::default();
+    let (ledger_stats, ledger) = stack::spawn_ledger(conns, &shutdown);
+    let (mut workers, mut handles) = stack::spawn_projectors(conns, &shutdown);
+    workers.ledger = Some(ledger_stats);
+    handles.push(ledger);
+    let (state, tail) = stack::api_state(conns, common, tokens, workers);
+    let (addr, api) = stack::spawn_api("127.0.0.1:0".parse()?, state, &shutdown).await?;
+    handles.push(api);
+    let ctx = Arc::new(LoadCtx {
+        http: client(args.clients)?,
+        base: format!("http://{addr}"),
+        token,
+        measuring: AtomicBool::new(false),
+        errors: AtomicU64::new(0),
+        run: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
+    });
+    wait_ready(&ctx).await?;
+    let result = drive(args, conns, ctx).await;
+    shutdown.trigger();
+    for h in handles {
+        let _ = h.await;
+    }
+    tail.abort();
+    result
+}
+
+async fn wait_ready(ctx: &LoadCtx) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let r = ctx.http.get(format!("{}/readyz", ctx.base)).send().await;
+        if matches!(&r, Ok(r) if r.status().is_success()) {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("the bench stack did not become ready: {r:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One client: admit then settle, recording both latencies while measuring.
+async fn client_loop(ctx: Arc<LoadCtx>, client: usize, stop: Instant) -> (u64, Vec<u64>, Vec<u64>) {
+    let (mut pairs, mut admit_us, mut settle_us) = (0u64, Vec::new(), Vec::new());
+    let mut i = 0u64;
+    while Instant::now() < stop {
+        i += 1;
+        let request_id = format!("b{}-{client}-{i}", ctx.run);
+        let subject = format!("key:bench_{}", client % 32);
+        let admit = json!({"request_id": request_id, "subject": subject, "model": "bench-model",
+            "estimate": {"cost": 2000, "input_tokens": 500}});
+        let settle = json!({"request_id": request_id,
+            "usage": {"input_tokens": 480, "output_tokens": 120, "cost": 1830}});
+        let t = Instant::now();
+        let a_ok = post(&ctx, "/v1/admit", &admit).await;
+        let a = t.elapsed();
+        let t = Instant::now();
+        let s_ok = a_ok && post(&ctx, "/v1/settle", &settle).await;
+        let s = t.elapsed();
+        if ctx.measuring.load(Ordering::Relaxed) && Instant::now() < stop {
+            if a_ok && s_ok {
+                pairs += 1;
+                admit_us.push(a.as_micros() as u64);
+                settle_us.push(s.as_micros() as u64);
+            } else {
+                ctx.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    (pairs, admit_us, settle_us)
+}
+
+async fn post(ctx: &LoadCtx, path: &str, body: &serde_json::Value) -> bool {
+    let r = ctx
+        .http
+        .post(format!("{}{path}", ctx.base))
+        .bearer_auth(&ctx.token)
+        .json(body)
+        .send()
+        .await;
+    match r {
+        Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+        Ok(r) => {
+            tracing::warn!(status = %r.status(), path, "bench request failed");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, path, "bench request failed");
+            false
+        }
+    }
+}
+
+async fn drive(
+    args: &BenchArgs,
+    conns: &Connections,
+    ctx: Arc<LoadCtx>,
+) -> anyhow::Result<LoadResult> {
+    let stop = Instant::now() + args.warmup + args.duration;
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|c| tokio::spawn(client_loop(ctx.clone(), c, stop)))
+        .collect();
+    tokio::time::sleep(args.warmup).await;
+    ctx.measuring.store(true, Ordering::Relaxed);
+    let measure_start = chrono::Utc::now();
+    let lag_samples = sample_projection_lag(&conns.pool, stop).await;
+    let (mut pairs, mut admit_us, mut settle_us) = (0, Vec::new(), Vec::new());
+    for t in tasks {
+        let (p, a, s) = t.await?;
+        pairs += p;
+        admit_us.extend(a);
+        settle_us.extend(s);
+    }
+    let measure_end = chrono::Utc::now();
+    let drained = Instant::now();
+    let ledger_rows = wait_drained(&conns.pool).await?;
+    let drain_ms = drained.elapsed().as_millis() as u64;
+    let secs = args.duration.as_secs_f64();
+    let pairs_per_s = pairs as f64 / secs;
+    Ok(LoadResult {
+        pairs_per_s,
+        http_requests_per_s: 2.0 * pairs_per_s,
+        events_per_s: 2.0 * pairs_per_s,
+        admission_latency: Percentiles::of(admit_us),
+        settle_latency: Percentiles::of(settle_us),
+        errors: ctx.errors.load(Ordering::Relaxed),
+        ledger_lag_ms: ledger_lag(&conns.pool, measure_start, measure_end).await?,
+        projection_lag_ms: lag_of(lag_samples),
+        drain_ms,
+        ledger_rows,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+/// Age of the oldest ledger row past the usage projection's checkpoint, every 100 ms until `stop`.
+async fn sample_projection_lag(pool: &PgPool, stop: Instant) -> Vec<f64> {
+    let mut samples = Vec::new();
+    while Instant::now() < stop {
+        let lag: Result<Option<f64>, _> = sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM clock_timestamp() - l.recorded_at)::float8 * 1000 \
+             FROM ledger l WHERE l.pos > COALESCE((SELECT last_pos FROM projection_checkpoints \
+             WHERE projection = 'usage'), 0) ORDER BY l.pos LIMIT 1",
+        )
+        .fetch_optional(pool)
+        .await
+        .map(Option::flatten);
+        if let Ok(lag) = lag {
+            samples.push(lag.unwrap_or(0.0));
+        }
+        tokio::time::sleep(LAG_SAMPLE_EVERY).await;
+    }
+    samples
+}
+
+fn lag_of(mut samples: Vec<f64>) -> LagMs {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if samples.is_empty() {
+            return 0.0;
+        }
+        let i = ((samples.len() as f64) * q).ceil() as usize;
+        samples[i.clamp(1, samples.len()) - 1]
+    };
+    LagMs {
+        p50: at(0.5),
+        p99: at(0.99),
+        max: at(1.0),
+    }
+}
+
+async fn ledger_lag(
+    pool: &PgPool,
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<LagMs> {
+    let (p50, p99, max): (Option<f64>, Option<f64>, Option<f64>) = sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY lag), \
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY lag), max(lag) \
+         FROM (SELECT EXTRACT(EPOCH FROM recorded_at - occurred_at)::float8 * 1000 AS lag \
+               FROM ledger WHERE occurred_at >= $1 AND occurred_at < $2) t",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_one(pool)
+    .await?;
+    Ok(LagMs {
+        p50: p50.unwrap_or(0.0),
+        p99: p99.unwrap_or(0.0),
+        max: max.unwrap_or(0.0),
+    })
+}
+
+/// Wait until the ledger stops growing with nothing left on the stream for the writer, and the
+/// usage projection's checkpoint has reached the ledger's end.
+async fn wait_drained(pool: &PgPool) -> anyhow::Result<i64> {
+    let start = Instant::now();
+    let mut last = (-1i64, -1i64);
+    loop {
+        let (rows, max_pos, checkpoint): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT count(*), max(pos), (SELECT last_pos FROM projection_checkpoints \
+             WHERE projection = 'usage') FROM ledger",
+        )
+        .fetch_one(pool)
+        .await?;
+        let caught_up = max_pos.unwrap_or(0) == checkpoint.unwrap_or(0);
+        if caught_up && (rows, max_pos.unwrap_or(0)) == last {
+            return Ok(rows);
+        }
+        last = (rows, max_pos.unwrap_or(0));
+        if start.elapsed() > DRAIN_TIMEOUT {
+            bail!("ledger/projection did not drain within {DRAIN_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// VmHWM of this process.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// `url` with its database replaced by `db` (query string kept).
+pub fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
+    let scheme_end = url.find("://").context("database URL has no scheme")? + 3;
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map(|i| scheme_end + i)
+        .unwrap_or(base.len());
+    Ok(format!("{}/{db}{query}", &base[..host_end]))
+}
+
+async fn create_database(server_url: &str, db: &str) -> anyhow::Result<()> {
+    let mut admin = sqlx::PgConnection::connect(server_url)
+        .await
+        .context("connecting to Postgres to create the bench database")?;
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut admin)
+        .await?;
+    Ok(())
+}
+
+async fn cleanup(services: &Services, common: &CommonArgs, db: &str) {
+    if let Ok(nats) = async_nats::connect(&services.nats_url).await {
+        let js = jetstream::new(nats);
+        let settings = tally_ledger::StreamSettings {
+            name: common.stream.clone(),
+            partitions: common.partitions,
+            max_age: common.stream_max_age,
+            max_bytes: common.stream_max_bytes,
+            replicas: common.stream_replicas,
+        };
+        let _ = js.delete_stream(&settings.name).await;
+        let _ = js.delete_stream(settings.dead_letter().0).await;
+    }
+    if let Ok(mut admin) = sqlx::PgConnection::connect(&services.database_url).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await;
+    }
+}
+
+fn print_report(r: &Report) {
+    let b = &r.baselines;
+    let l = &r.load;
+    let pct = |p: &Percentiles| {
+        format!(
+            "p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+            p.p50_us as f64 / 1e3,
+            p.p99_us as f64 / 1e3,
+            p.p999_us as f64 / 1e3,
+            p.max_us as f64 / 1e3
+        )
+    };
+    println!("raw baselines");
+    println!(
+        "  trivial HTTP round trip   {:>10.0} req/s   {}",
+        b.http_requests_per_s,
+        pct(&b.http_latency)
+    );
+    println!(
+        "  JetStream publish + ack   {:>10.0} msg/s   {}",
+        b.jetstream_publishes_per_s,
+        pct(&b.jetstream_ack_latency)
+    );
+    println!(
+        "  Postgres batched insert   {:>10.0} rows/s  (batches of {RAW_PG_BATCH_ROWS}, one connection)",
+        b.postgres_rows_per_s
+    );
+    println!(
+        "tally, {} clients, {:.0} s measured",
+        r.clients, r.duration_s
+    );
+    println!(
+        "  admit + settle pairs      {:>10.0} pairs/s ({} errors)",
+        l.pairs_per_s, l.errors
+    );
+    println!(
+        "  HTTP requests             {:>10.0} req/s   = {:.1}% of trivial HTTP",
+        l.http_requests_per_s,
+        100.0 * r.ratio_http
+    );
+    println!(
+        "  events published          {:>10.0} ev/s    = {:.1}% of raw JetStream",
+        l.events_per_s,
+        100.0 * r.ratio_jetstream
+    );
+    println!(
+        "  ledger rows               {:>10.0} rows/s  = {:.1}% of raw Postgres",
+        l.events_per_s,
+        100.0 * r.ratio_postgres
+    );
+    println!("  admission latency         {}", pct(&l.admission_latency));
+    println!("  settle latency            {}", pct(&l.settle_latency));
+    println!(
+        "  ledger lag                p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        l.ledger_lag_ms.p50, l.ledger_lag_ms.p99, l.ledger_lag_ms.max
+    );
+    println!(
+        "  projection lag            p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        l.projection_lag_ms.p50, l.projection_lag_ms.p99, l.projection_lag_ms.max
+    );
+    println!(
+        "  drain after load          {} ms ({} ledger rows in the run)",
+        l.drain_ms, l.ledger_rows
+    );
+    println!(
+        "  peak RSS                  {:.0} MiB (stack and load generator in one process)",
+        l.peak_rss_mib
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_nearest_rank() {
+        let p = Percentiles::of((1..=1000).collect());
+        assert_eq!(
+            (p.p50_us, p.p99_us, p.p999_us, p.max_us),
+            (500, 990, 999, 1000)
+        );
+        let empty = Percentiles::of(Vec::new());
+        assert_eq!(empty.max_us, 0);
+    }
+
+    #[test]
+    fn database_is_replaced_in_urls() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/postgres?sslmode=disable", "b").unwrap(),
+            "postgres://u:p@h:5432/b?sslmode=disable"
+        );
+        assert_eq!(
+            with_database("postgres://h", "b").unwrap(),
+            "postgres://h/b"
+        );
+    }
+}
