@@ -514,7 +514,7 @@ async fn drive(
     }
     let measure_end = chrono::Utc::now();
     let drained = Instant::now();
-    let ledger_rows = wait_drained(&conns.pool).await?;
+    let ledger_rows = wait_drained(conns).await?;
     let drain_ms = drained.elapsed().as_millis() as u64;
     let secs = args.duration.as_secs_f64();
     let pairs_per_s = pairs as f64 / secs;
@@ -591,27 +591,30 @@ async fn ledger_lag(
     })
 }
 
-/// Wait until the ledger stops growing with nothing left on the stream for the writer, and the
-/// usage projection's checkpoint has reached the ledger's end.
-async fn wait_drained(pool: &PgPool) -> anyhow::Result<i64> {
+/// Wait until every event on the bench stream is in the ledger (the stream is fresh and holds
+/// only this run's events, all distinct) and the usage projection has folded the ledger's end.
+async fn wait_drained(conns: &Connections) -> anyhow::Result<i64> {
     let start = Instant::now();
-    let mut last = (-1i64, -1i64);
+    let expected = {
+        let mut stream = conns.js.get_stream(&conns.stream.name).await?;
+        i64::try_from(stream.info().await?.state.messages)?
+    };
     loop {
         let (rows, max_pos, checkpoint): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT count(*), max(pos), (SELECT last_pos FROM projection_checkpoints \
              WHERE projection = 'usage') FROM ledger",
         )
-        .fetch_one(pool)
+        .fetch_one(&conns.pool)
         .await?;
-        let caught_up = max_pos.unwrap_or(0) == checkpoint.unwrap_or(0);
-        if caught_up && (rows, max_pos.unwrap_or(0)) == last {
+        if rows >= expected && max_pos.unwrap_or(0) == checkpoint.unwrap_or(0) {
             return Ok(rows);
         }
-        last = (rows, max_pos.unwrap_or(0));
         if start.elapsed() > DRAIN_TIMEOUT {
-            bail!("ledger/projection did not drain within {DRAIN_TIMEOUT:?}");
+            bail!(
+                "ledger/projection did not drain within {DRAIN_TIMEOUT:?}: {rows} of {expected} events in the ledger"
+            );
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

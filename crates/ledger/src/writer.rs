@@ -21,6 +21,10 @@ use crate::{Error, Publisher, StreamSettings, stream};
 pub const MAX_BATCH: usize = 1000;
 /// Longest a batch waits to fill before the writer commits what it has: bounds ledger lag at low load.
 pub const BATCH_WAIT: Duration = Duration::from_millis(20);
+/// Heartbeat of the continuous pull: a silent server is noticed (and re-subscribed) this fast.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long an idle writer waits for a message before doing its periodic checks.
+pub const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How long JetStream waits for an ack before redelivering. Far above a batch commit (ms), and
 /// short because it is also how long a crashed writer's in-flight batch waits to be redelivered.
 pub const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -130,30 +134,32 @@ impl LedgerWriter {
     #[tracing::instrument(skip_all, fields(stream = %self.stream.name, consumer = %self.settings.consumer))]
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
         let consumer = self.consumer().await?;
+        let mut messages = self.messages(&consumer).await?;
         self.check_alarm().await?;
         tokio::pin!(shutdown);
         let mut last_alarm_check = tokio::time::Instant::now();
         loop {
             let batch = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                b = self.fetch(&consumer) => b,
+                b = self.next_batch(&mut messages) => b,
             };
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
-                    tracing::warn!(error = %e, "fetch failed; retrying");
+                    tracing::warn!(error = %e, "consuming failed; re-subscribing");
                     tokio::time::sleep(RETRY_BACKOFF_MIN).await;
+                    if let Ok(m) = self.messages(&consumer).await {
+                        messages = m;
+                    }
                     continue;
                 }
             };
-            if batch.is_empty() || last_alarm_check.elapsed() > ALARM_CHECK_EVERY {
-                if last_alarm_check.elapsed() > ALARM_CHECK_EVERY {
-                    self.check_alarm().await?;
-                    last_alarm_check = tokio::time::Instant::now();
-                }
-                if batch.is_empty() {
-                    continue;
-                }
+            if last_alarm_check.elapsed() > ALARM_CHECK_EVERY {
+                self.check_alarm().await?;
+                last_alarm_check = tokio::time::Instant::now();
+            }
+            if batch.is_empty() {
+                continue;
             }
             self.commit_with_retry(&batch).await;
             ack_all(&batch).await;
@@ -185,20 +191,37 @@ impl LedgerWriter {
             .map_err(|e| js_err(&e))
     }
 
-    async fn fetch(
+    /// A continuous pull: the server keeps up to a batch ahead of us, so a busy writer never
+    /// waits a round trip between batches.
+    async fn messages(
         &self,
         consumer: &jetstream::consumer::Consumer<pull::Config>,
-    ) -> Result<Vec<Message>, Error> {
-        let mut messages = consumer
-            .batch()
-            .max_messages(self.settings.batch_max)
-            .expires(self.settings.batch_wait)
+    ) -> Result<pull::Stream, Error> {
+        consumer
+            .stream()
+            .max_messages_per_batch(self.settings.batch_max)
+            .heartbeat(HEARTBEAT)
             .messages()
             .await
-            .map_err(|e| Error::JetStream(e.to_string()))?;
+            .map_err(|e| Error::JetStream(e.to_string()))
+    }
+
+    /// The next batch: waits up to [`IDLE_POLL`] for a first message, then takes what arrives
+    /// within `batch_wait` of it, up to `batch_max`.
+    async fn next_batch(&self, messages: &mut pull::Stream) -> Result<Vec<Message>, Error> {
         let mut out = Vec::with_capacity(self.settings.batch_max);
-        while let Some(m) = messages.next().await {
-            out.push(m.map_err(|e| Error::JetStream(e.to_string()))?);
+        let first = match tokio::time::timeout(IDLE_POLL, messages.next()).await {
+            Err(_) => return Ok(out),
+            Ok(None) => return Err(Error::JetStream("consumer stream ended".into())),
+            Ok(Some(m)) => m.map_err(|e| Error::JetStream(e.to_string()))?,
+        };
+        out.push(first);
+        let deadline = tokio::time::Instant::now() + self.settings.batch_wait;
+        while out.len() < self.settings.batch_max {
+            match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(m)) => out.push(m.map_err(|e| Error::JetStream(e.to_string()))?),
+                Ok(None) | Err(_) => break,
+            }
         }
         Ok(out)
     }
