@@ -10,9 +10,11 @@ mod error;
 mod ledger_facts;
 mod model;
 mod partition;
+pub mod quota;
 mod request;
 mod usage;
 mod validate;
+pub mod window;
 
 pub use envelope::*;
 pub use error::Error;
