@@ -64,7 +64,7 @@ fn name_field(field: &str, value: Option<&str>) -> Result<(), ApiError> {
 
 impl AppState {
     /// The event time of a request: `at` (bounded by backfill and skew) or now.
-    fn event_time(&self, at: Option<DateTime<Utc>>) -> Result<DateTime<Utc>, ApiError> {
+    pub(crate) fn event_time(&self, at: Option<DateTime<Utc>>) -> Result<DateTime<Utc>, ApiError> {
         let now = Utc::now();
         let Some(at) = at else { return Ok(now) };
         let cfg = &self.0.config;
@@ -92,7 +92,7 @@ impl AppState {
         Ok(at)
     }
 
-    async fn publish(&self, env: &Envelope) -> Result<(), ApiError> {
+    pub(crate) async fn publish(&self, env: &Envelope) -> Result<(), ApiError> {
         self.0.publisher.publish(env).await.map(drop).map_err(|e| {
             self.metrics().unavailable.fetch_add(1, Ordering::Relaxed);
             ApiError::from(e)
@@ -121,8 +121,8 @@ fn admission_body(view: &RequestView, replayed: bool) -> serde_json::Value {
     })
 }
 
-/// `POST /v1/admit`. No policies can be configured yet, so every request is admitted; the
-/// decision is still durably published before the answer, and idempotent by `request_id`.
+/// `POST /v1/admit`: decide against the live quota state, reserve under the same lock, publish
+/// the decision and await the ack, then answer. Idempotent by `request_id`.
 #[tracing::instrument(skip_all, fields(request_id = %body.request_id))]
 pub async fn admit(
     State(state): State<AppState>,
@@ -131,42 +131,104 @@ pub async fn admit(
     validate_name("request_id", &body.request_id)?;
     let leaf = subject_field("subject", &body.subject)?;
     name_field("model", body.model.as_deref())?;
+    let credits = body.estimate.credits;
     let estimate = body.estimate.into_usage(1, "estimate")?;
     let at = state.event_time(body.at)?;
+    if !state.0.tail_ready.load(Ordering::Relaxed) {
+        // Deciding on a state still being rebuilt would admit past limits.
+        return Err(ApiError::Unavailable("quota state is still loading".into()));
+    }
     let slot = state.slot(&body.request_id)?;
     let mut view = slot.lock().await;
     if view.admission.is_some() {
         state.metrics().replayed.fetch_add(1, Ordering::Relaxed);
         return Ok(Json(admission_body(&view, true)).into_response());
     }
-    let env = Envelope::with_id(
-        at,
-        Some(body.request_id.clone()),
-        Some(leaf.clone()),
-        |id| {
+    let (env, alerts) = {
+        let mut q = state.quota();
+        let d = q.decide(&tally_events::quota::AdmitRequest {
+            leaf: &leaf,
+            model: body.model.as_deref(),
+            estimate,
+            credits,
+            at,
+        });
+        let env = Envelope::with_id(at, Some(body.request_id.clone()), Some(leaf), |id| {
             EventData::AdmissionDecided(AdmissionDecided {
                 admission_id: id,
-                admitted: true,
-                reason: None,
-                retry_after_seconds: None,
+                admitted: d.admitted,
+                reason: d.reason,
+                retry_after_seconds: d.retry_after_seconds,
                 model: body.model,
-                model_group: None,
-                chain: vec![leaf],
-                estimate,
-                counted_in_key_global: true,
-                counted_in_user_global: true,
-                checks: Vec::new(),
+                model_group: d.model_group,
+                chain: d.chain,
+                estimate: d.estimate,
+                counted_in_key_global: d.counted_in_key_global,
+                counted_in_user_global: d.counted_in_user_global,
+                checks: d.checks,
                 received_at: Utc::now(),
             })
-        },
-    );
-    state
-        .publish(&env)
-        .await
-        .map_err(|e| unavailable_admission(e, &body.request_id))?;
+        });
+        q.apply(&env);
+        (env, d.alerts)
+    };
+    if let Err(e) = state.publish(&env).await {
+        state.quota().forget(&body.request_id);
+        return Err(unavailable_admission(e, &body.request_id));
+    }
     view.apply(&env);
-    state.metrics().admitted.fetch_add(1, Ordering::Relaxed);
+    let admitted = view.admission.as_ref().is_some_and(|a| a.admitted);
+    let counter = if admitted {
+        &state.metrics().admitted
+    } else {
+        &state.metrics().rejected
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    state.publish_alerts(alerts, at).await;
     Ok(Json(admission_body(&view, false)).into_response())
+}
+
+impl AppState {
+    /// Publish `threshold.crossed` for each first crossing. The event id is derived from the
+    /// pool and window, so instances that race on the same crossing publish one event (JetStream
+    /// de-duplicates on the id, the ledger on its key). Best effort: a failure is logged, the
+    /// admission stands.
+    async fn publish_alerts(&self, alerts: Vec<ThresholdCrossed>, at: DateTime<Utc>) {
+        for a in alerts {
+            let key = format!(
+                "{}|{}|{:?}",
+                a.policy_id,
+                a.subject,
+                a.window.map(|w| w.start)
+            );
+            let mut env = Envelope::new(
+                EventData::ThresholdCrossed(a.clone()),
+                at,
+                None,
+                Some(a.subject.clone()),
+            );
+            env.id = alert_id(&key);
+            match self.publish(&env).await {
+                Ok(()) => self.quota().apply(&env),
+                Err(e) => {
+                    tracing::warn!(error = %e, policy_id = %a.policy_id, "threshold alert not published")
+                }
+            }
+        }
+    }
+}
+
+/// A stable id for an alert key (UUID v8 from two FNV-1a hashes).
+fn alert_id(key: &str) -> uuid::Uuid {
+    let h = |seed: u64| {
+        key.bytes().fold(seed, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    };
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&h(0xcbf2_9ce4_8422_2325).to_be_bytes());
+    bytes[8..].copy_from_slice(&h(0x8422_2325_cbf2_9ce4).to_be_bytes());
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 /// SPEC §4.5: an admission that could not be recorded answers `503 {"reason":"unavailable"}`.
@@ -218,7 +280,8 @@ pub async fn settle(
         body.seq.unwrap_or(0),
     );
     // The request itself is counted once, on the successful final settlement.
-    let usage = body
+    let credits_given = body.usage.credits.is_some();
+    let mut usage = body
         .usage
         .into_usage(i64::from(success && is_final), "usage")?;
     let at = state.event_time(body.at)?;
@@ -235,9 +298,18 @@ pub async fn settle(
             .fetch_add(1, Ordering::Relaxed);
         return Ok(settle_accepted(&settlement_id, &body.request_id, matched));
     }
+    // A successful final settlement that does not name credits spends what the admission
+    // reserved (less what earlier chunks spent): the reservation becomes the charge.
+    if let (Some(a), false, true) = (&view.admission, credits_given, success && is_final) {
+        usage.credits = (a.estimate.credits - view.settled.credits).max(0);
+    }
+    let subject = subject.map(|s| {
+        let resolved = state.quota().resolve(&s, body.model.as_deref());
+        (s, resolved)
+    });
     let data = settlement_data(
         &view,
-        subject.as_ref(),
+        subject,
         body.model,
         settlement_id.clone(),
         usage,
@@ -252,6 +324,7 @@ pub async fn settle(
         Some(leaf),
     );
     state.publish(&env).await?;
+    state.quota().apply(&env);
     view.apply(&env);
     state.metrics().settlements.fetch_add(1, Ordering::Relaxed);
     Ok(settle_accepted(&settlement_id, &body.request_id, matched))
@@ -264,7 +337,7 @@ fn settle_accepted(settlement_id: &str, request_id: &str, matched: bool) -> Resp
 
 fn settlement_data(
     view: &RequestView,
-    subject: Option<&Subject>,
+    subject: Option<(Subject, tally_events::quota::Resolved)>,
     model: Option<String>,
     settlement_id: String,
     usage: Usage,
@@ -288,7 +361,7 @@ fn settlement_data(
     };
     match (&view.admission, subject) {
         (Some(a), s) => {
-            if s.is_some_and(|s| Some(s) != a.chain.first()) {
+            if s.is_some_and(|(s, _)| Some(&s) != a.chain.first()) {
                 return Err(ApiError::invalid(
                     "subject",
                     "does not match the admitted request's subject",
@@ -303,7 +376,13 @@ fn settlement_data(
             data.counted_in_user_global = a.counted_in_user_global;
             data.window_at = view.admitted_at.expect("admitted_at set with admission");
         }
-        (None, Some(s)) => data.chain = vec![s.clone()],
+        (None, Some((_, direct))) => {
+            // Direct usage: chain, model group and flags as of its own time (SPEC §5).
+            data.chain = direct.chain;
+            data.model_group = direct.model_group;
+            data.counted_in_key_global = direct.counted_in_key_global;
+            data.counted_in_user_global = direct.counted_in_user_global;
+        }
         (None, None) => {
             return Err(ApiError::invalid(
                 "subject",
@@ -360,6 +439,7 @@ pub async fn release(
         view.subject.clone(),
     );
     state.publish(&env).await?;
+    state.quota().apply(&env);
     view.apply(&env);
     state.metrics().releases.fetch_add(1, Ordering::Relaxed);
     Ok(accepted(true))

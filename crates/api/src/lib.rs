@@ -3,6 +3,7 @@
 //! [`app`] builds the router from an [`AppState`]; [`serve`] runs it on a listener. Tests drive
 //! the router in-process or over a socket. Errors map to status codes in one place ([`error`]).
 
+mod admin;
 pub mod auth;
 pub mod body;
 pub mod error;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use sqlx::PgPool;
 use tally_ledger::Publisher;
 use tally_ledger::writer::WriterStats;
@@ -87,6 +88,11 @@ struct Inner {
     metrics: Metrics,
     workers: WorkerStats,
     tail_ready: AtomicBool,
+    /// The quota fold: configuration, usage, reservations, credits. A std mutex, never held
+    /// across an await: check-and-reserve of an admission happens entirely under it.
+    quota: std::sync::Mutex<tally_events::quota::QuotaState>,
+    /// Serializes admin writes, so a validation still holds when its event is applied.
+    admin_lock: tokio::sync::Mutex<()>,
 }
 
 /// Shared state of every handler. Cheap to clone.
@@ -114,6 +120,8 @@ impl AppState {
             metrics: Metrics::default(),
             workers,
             tail_ready: AtomicBool::new(false),
+            quota: std::sync::Mutex::new(Default::default()),
+            admin_lock: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -124,6 +132,11 @@ impl AppState {
     /// The request table.
     pub fn requests(&self) -> &RequestTable {
         &self.0.requests
+    }
+
+    /// The quota state (lock briefly; never across an await).
+    pub fn quota(&self) -> std::sync::MutexGuard<'_, tally_events::quota::QuotaState> {
+        self.0.quota.lock().expect("quota state lock")
     }
 
     /// The counters.
@@ -140,13 +153,37 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/release", post(handlers::release))
         .route("/v1/usage", get(handlers::usage))
         .route("/v1/requests/{request_id}", get(handlers::request))
+        .route("/v1/quota", get(admin::quota))
         .route_layer(from_fn_with_state(state.clone(), auth::data_plane));
+    let admin = Router::new()
+        .route(
+            "/v1/subjects/{subject}",
+            put(admin::put_subject).get(admin::get_subject),
+        )
+        .route(
+            "/v1/model-groups/{name}",
+            put(admin::put_model_group).delete(admin::delete_model_group),
+        )
+        .route("/v1/policies", get(admin::list_policies))
+        .route(
+            "/v1/policies/{id}",
+            put(admin::put_policy).delete(admin::delete_policy),
+        )
+        .route("/v1/policies/{id}/reset", post(admin::reset_policy))
+        .route("/v1/grants", post(admin::post_grant))
+        .route(
+            "/v1/grants/{id}",
+            axum::routing::delete(admin::delete_grant),
+        )
+        .route("/v1/credits/{subject}", post(admin::post_credits))
+        .route_layer(from_fn_with_state(state.clone(), auth::admin));
     let open = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi));
     data_plane
+        .merge(admin)
         .merge(open)
         .fallback(ops::not_found)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
