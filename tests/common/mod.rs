@@ -217,6 +217,23 @@ impl Stack {
         (status, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// An admin call (`PUT`, `POST`, `DELETE`, `GET`) with the admin token.
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(ADMIN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
         let r = self
             .http

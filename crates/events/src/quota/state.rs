@@ -229,7 +229,7 @@ impl QuotaState {
             && d.usage.credits != 0
             && let Some(acc) = self.credits.get_mut(&pool)
         {
-            acc.charge(d.usage.credits, env.occurred_at);
+            acc.charge(d.usage.credits, d.window_at);
         }
     }
 
