@@ -582,6 +582,10 @@ async fn group_and_model_group_limits_with_billing_isolation_and_boosts() {
         )
         .await;
     assert_eq!(r["checks"][0]["limit"], 100, "boost expired: {r}");
+    let (st, _) = stack.admin("DELETE", "/v1/grants/boost-bob", None).await;
+    assert_eq!(st, 204, "grant revoked");
+    let (st, b) = stack.admin("DELETE", "/v1/grants/boost-bob", None).await;
+    assert_eq!((st, b["error"]["field"].as_str()), (404, Some("id")));
     stack.stop().await;
     env.cleanup().await;
 }
@@ -668,6 +672,26 @@ async fn periodic_window_boundary_modes_disable_and_reset() {
         r["checks"][0]["used"], 0,
         "usage before the reset no longer counts"
     );
+    // Alert: never refuses; the first crossing in a window emits one threshold.crossed.
+    s.policy("alert", json!({"subject": "key:p_alert", "metric": "cost", "limit": 100, "window": w, "on_exhausted": "alert"})).await;
+    s.spend("key:p_alert", "m", json!({"cost": 80}), at(5))
+        .await;
+    for _ in 0..2 {
+        let r = s
+            .expect("key:p_alert", "m", json!({"cost": 30}), at(10), true)
+            .await;
+        assert_eq!(r["checks"][0]["outcome"], "soft_exceeded");
+    }
+    env.eventually("one threshold.crossed in the ledger", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM ledger WHERE event_type = 'threshold.crossed'",
+        )
+        .fetch_one(env.pool())
+        .await
+        .unwrap();
+        n == 1
+    })
+    .await;
     let (st, b) = stack
         .admin(
             "POST",
