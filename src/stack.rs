@@ -147,7 +147,10 @@ pub fn spawn_projectors(
     c: &Connections,
     shutdown: &Shutdown,
 ) -> (WorkerStats, Vec<JoinHandle<anyhow::Result<()>>>) {
-    let projections: Vec<Arc<dyn tally_projector::Projection>> = vec![Arc::new(UsageProjection)];
+    let projections: Vec<Arc<dyn tally_projector::Projection>> = vec![
+        Arc::new(UsageProjection),
+        Arc::new(tally_projector::QuotaProjection::default()),
+    ];
     let mut stats = WorkerStats::default();
     let mut handles = Vec::new();
     for p in projections {

@@ -700,6 +700,40 @@ async fn periodic_window_boundary_modes_disable_and_reset() {
         )
         .await;
     assert_eq!(st, 404, "{b}");
+    // The quota projection in Postgres shows the same windows and exhaustion states.
+    env.eventually("quota projection caught up", || async {
+        tally_projector::runner::lag_rows(env.pool(), "quota")
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    type WindowRow = (DateTime<Utc>, i64, i64, Option<DateTime<Utc>>);
+    let rows: Vec<WindowRow> = sqlx::query_as(
+        "SELECT window_start, \"limit\", used, exhausted_at FROM quota_windows \
+         WHERE policy_id = 'disable' AND subject = 'key:p_disable' ORDER BY window_start",
+    )
+    .fetch_all(env.pool())
+    .await
+    .unwrap();
+    println!("quota_windows of `disable`: {rows:?}");
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[0].0, rows[0].1, rows[0].2), (anchor, 100, 100));
+    assert_eq!(
+        rows[0].3,
+        Some(at(5)),
+        "exhausted by the usage admitted at +5m"
+    );
+    assert_eq!(
+        (rows[1].0, rows[1].2, rows[1].3),
+        (at(90), 0, None),
+        "reset lifted it"
+    );
+    let policies: i64 = sqlx::query_scalar("SELECT count(*) FROM cfg_policies")
+        .fetch_one(env.pool())
+        .await
+        .unwrap();
+    assert_eq!(policies, 4, "strict, graceful, disable, alert");
     stack.stop().await;
     env.cleanup().await;
 }

@@ -6,9 +6,11 @@
 //! dropped and rebuilt, or a new one added, without touching the others.
 
 pub mod error;
+pub mod quota;
 pub mod runner;
 pub mod usage;
 
 pub use error::Error;
+pub use quota::QuotaProjection;
 pub use runner::{Projection, Projector, ProjectorStats};
 pub use usage::{Granularity, UsageProjection, UsageSeries, usage_series};

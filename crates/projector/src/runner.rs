@@ -30,6 +30,14 @@ pub trait Projection: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Fold `events` (in ledger order) and write the result inside the caller's transaction.
     fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a [Envelope]) -> ApplyFuture<'a>;
+    /// Called before [`Projection::apply`] with the checkpoint the batch starts after, in the
+    /// same transaction: a projection that keeps state in memory rebuilds it here when it does
+    /// not reflect exactly `from`.
+    fn prepare<'a>(&'a self, _tx: &'a mut PgConnection, _from: i64) -> ApplyFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Called once the batch ending at `to` is committed.
+    fn committed(&self, _to: i64) {}
 }
 
 /// Counters for `/metrics` and `/readyz`.
@@ -124,6 +132,7 @@ impl Projector {
         };
         assert!(to > from, "projection checkpoint must only move forward");
         let events = decode_rows(&rows)?;
+        self.projection.prepare(&mut tx, from).await?;
         self.projection.apply(&mut tx, &events).await?;
         sqlx::query("UPDATE projection_checkpoints SET last_pos = $2, updated_at = clock_timestamp() WHERE projection = $1")
             .bind(name)
@@ -131,6 +140,7 @@ impl Projector {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.projection.committed(to);
         self.stats.checkpoint.store(to, Ordering::Relaxed);
         self.stats
             .events
@@ -139,7 +149,7 @@ impl Projector {
     }
 }
 
-fn decode_rows(rows: &[(i64, serde_json::Value)]) -> Result<Vec<Envelope>, Error> {
+pub(crate) fn decode_rows(rows: &[(i64, serde_json::Value)]) -> Result<Vec<Envelope>, Error> {
     rows.iter()
         .map(|(pos, payload)| {
             let bytes = serde_json::to_vec(payload).expect("json re-encodes");
