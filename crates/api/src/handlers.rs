@@ -207,7 +207,7 @@ impl AppState {
                 None,
                 Some(a.subject.clone()),
             );
-            env.id = alert_id(&key);
+            env.id = derived_id(&key);
             match self.publish(&env).await {
                 Ok(()) => self.quota().apply(&env),
                 Err(e) => {
@@ -218,8 +218,9 @@ impl AppState {
     }
 }
 
-/// A stable id for an alert key (UUID v8 from two FNV-1a hashes).
-fn alert_id(key: &str) -> uuid::Uuid {
+/// A stable event id for a fact several instances may publish at once (an alert, an expiry):
+/// UUID v8 from two FNV-1a hashes of `key`, so JetStream and the ledger keep one copy.
+pub(crate) fn derived_id(key: &str) -> uuid::Uuid {
     let h = |seed: u64| {
         key.bytes().fold(seed, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)

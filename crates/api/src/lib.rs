@@ -65,6 +65,10 @@ pub struct Metrics {
     pub settlement_retries: AtomicU64,
     /// Releases published.
     pub releases: AtomicU64,
+    /// Reservation expiries published by this instance.
+    pub expiries: AtomicU64,
+    /// Times the stream tail failed and resumed.
+    pub tail_restarts: AtomicU64,
     /// Requests answered 503 because an event could not be published.
     pub unavailable: AtomicU64,
 }

@@ -105,6 +105,16 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         m.releases.load(Ordering::Relaxed),
     );
     counter(
+        "tally_reservation_expiries_total",
+        "Reservation expiries published by this instance.",
+        m.expiries.load(Ordering::Relaxed),
+    );
+    counter(
+        "tally_tail_restarts_total",
+        "Times the stream tail failed and resumed after its last folded sequence.",
+        m.tail_restarts.load(Ordering::Relaxed),
+    );
+    counter(
         "tally_unavailable_total",
         "Requests answered 503: an event could not be published.",
         m.unavailable.load(Ordering::Relaxed),

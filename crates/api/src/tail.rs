@@ -15,6 +15,11 @@ use crate::AppState;
 
 /// How often the table is swept of requests past their TTL.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How often reservations past their TTL are expired: bounds how long an expired reservation
+/// keeps holding quota beyond the TTL.
+pub const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+/// Most expiries published per round (the rest wait for the next round).
+pub const MAX_EXPIRIES_PER_ROUND: usize = 10_000;
 /// Backoff before re-creating the tail after an error.
 pub const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -22,11 +27,21 @@ pub const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 /// everything that was in the stream when it started.
 pub async fn run(state: AppState) {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    let mut expire = tokio::time::interval(EXPIRE_EVERY);
+    // The last stream sequence folded: a restarted tail resumes after it instead of rebuilding,
+    // so admissions never see a state that has lost recent events.
+    let mut resume_after: Option<u64> = None;
     loop {
         tokio::select! {
-            r = follow(&state) => {
+            _ = expire.tick() => {
+                if state.0.tail_ready.load(Ordering::Relaxed) {
+                    expire_reservations(&state).await;
+                }
+            }
+            r = follow(&state, &mut resume_after) => {
                 if let Err(e) = r {
-                    tracing::warn!(error = %e, "stream tail failed; restarting");
+                    state.metrics().tail_restarts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "stream tail failed; resuming");
                 }
                 tokio::time::sleep(RETRY_BACKOFF).await;
             }
@@ -34,7 +49,7 @@ pub async fn run(state: AppState) {
                 state.requests().sweep();
                 let ttl = chrono::Duration::from_std(state.0.config.reservation_ttl)
                     .unwrap_or(chrono::Duration::MAX);
-                state.quota().prune(chrono::Utc::now() - ttl);
+                state.quota().prune(chrono::Utc::now() - ttl * 2);
             }
         }
     }
@@ -118,17 +133,22 @@ async fn bootstrap(
     }
 }
 
-async fn follow(state: &AppState) -> Result<(), String> {
+async fn follow(state: &AppState, resume_after: &mut Option<u64>) -> Result<(), String> {
     let inner = &state.0;
     let settings = inner.publisher.settings();
     let js = inner.publisher.jetstream();
-    let frontier = ledger_frontier(state).await?;
-    // Built aside and swapped in: admissions keep deciding on the old state meanwhile, and their
-    // events (at or past the frontier) reach the new one through the tail.
-    let mut rebuilt = tally_events::quota::QuotaState::default();
-    let rows = bootstrap(state, frontier, &mut rebuilt).await?;
-    *state.quota() = rebuilt;
-    tracing::info!(rows, frontier, "quota state rebuilt from the ledger");
+    let frontier = match *resume_after {
+        Some(seq) => seq + 1,
+        None => {
+            let frontier = ledger_frontier(state).await?;
+            let mut rebuilt = tally_events::quota::QuotaState::default();
+            let rows = bootstrap(state, frontier, &mut rebuilt).await?;
+            *state.quota() = rebuilt;
+            *resume_after = Some(frontier - 1);
+            tracing::info!(rows, frontier, "quota state rebuilt from the ledger");
+            frontier
+        }
+    };
     let stream = js
         .get_stream(&settings.name)
         .await
@@ -158,9 +178,37 @@ async fn follow(state: &AppState) -> Result<(), String> {
             state.quota().apply(&env);
             state.requests().apply(&env).await;
         }
+        if let Ok(info) = m.info() {
+            *resume_after = Some(info.stream_sequence);
+        }
         if m.info().map(|i| i.pending == 0).unwrap_or(false) {
             inner.tail_ready.store(true, Ordering::Relaxed);
         }
     }
     Err("tail ended".into())
+}
+
+/// Publish `reservation.expired` for every reservation past its TTL. Every instance does this;
+/// the event id is derived from the admission id, so JetStream (duplicate window) and the ledger
+/// (primary key) keep exactly one, and the tail closes it on the others.
+async fn expire_reservations(state: &AppState) {
+    let ttl =
+        chrono::Duration::from_std(state.0.config.reservation_ttl).unwrap_or(chrono::Duration::MAX);
+    let now = chrono::Utc::now();
+    let mut due = state.quota().expired(now, ttl);
+    due.truncate(MAX_EXPIRIES_PER_ROUND);
+    for (request_id, admission_id, leaf) in due {
+        let data = tally_events::EventData::ReservationExpired(tally_events::ReservationEnded {
+            admission_id,
+        });
+        let mut env = Envelope::new(data, now, Some(request_id.clone()), leaf);
+        env.id = crate::handlers::derived_id(&format!("expired|{admission_id}"));
+        if let Err(e) = state.publish(&env).await {
+            tracing::warn!(error = %e, request_id, "reservation expiry not published; retrying");
+            return;
+        }
+        state.quota().apply(&env);
+        state.requests().apply(&env).await;
+        state.metrics().expiries.fetch_add(1, Ordering::Relaxed);
+    }
 }

@@ -57,6 +57,10 @@ pub struct Reset {
 #[derive(Clone, Debug, Default)]
 struct Open {
     admission_id: Option<Uuid>,
+    /// Leaf subject of the admission.
+    leaf: Option<Subject>,
+    /// Server time the admission was received: the reservation TTL counts from it.
+    received_at: Option<DateTime<Utc>>,
     pools: Vec<(PoolKey, Metric)>,
     credit_pool: Option<Subject>,
     estimate: Usage,
@@ -139,7 +143,10 @@ impl QuotaState {
             return;
         }
         open.admission_id = Some(d.admission_id);
-        open.seen_at = env.occurred_at;
+        open.leaf = d.chain.first().cloned();
+        open.received_at = Some(d.received_at);
+        // Server time, not `at`: a backfilled admission is as fresh as any other.
+        open.seen_at = d.received_at;
         if !d.admitted {
             open.closed = true;
             return;
@@ -405,13 +412,15 @@ impl QuotaState {
         self.open.remove(request_id);
     }
 
-    /// Forget requests last seen before `horizon` (their reservations have expired) and
+    /// Forget closed requests last seen before `horizon` and
     /// configuration event ids (kept only to drop the echo of our own writes).
     pub fn prune(&mut self, horizon: DateTime<Utc>) {
         let stale: Vec<String> = self
             .open
             .iter()
-            .filter(|(_, o)| o.seen_at < horizon)
+            // An admitted, open request is only ever closed by an event (expiry, release,
+            // settlement), so every instance agrees on when its reservation ended.
+            .filter(|(_, o)| o.seen_at < horizon && (o.closed || o.admission_id.is_none()))
             .map(|(k, _)| k.clone())
             .collect();
         for rid in stale {
@@ -421,6 +430,26 @@ impl QuotaState {
         if self.applied.len() > 100_000 {
             self.applied.clear();
         }
+    }
+
+    /// Admitted requests still holding a reservation whose TTL, counted on the server's clock
+    /// from when the admission was received, has run out by `now`: (request id, admission id,
+    /// leaf subject).
+    pub fn expired(
+        &self,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> Vec<(String, Uuid, Option<Subject>)> {
+        self.open
+            .iter()
+            .filter(|(_, o)| !o.closed && o.received_at.is_some_and(|r| r + ttl <= now))
+            .filter_map(|(rid, o)| o.admission_id.map(|a| (rid.clone(), a, o.leaf.clone())))
+            .collect()
+    }
+
+    /// Outstanding reservations in every pool (for tests and metrics): sum over pools.
+    pub fn reserved_total(&self) -> i64 {
+        self.reserved.values().sum()
     }
 
     /// Requests with open state.
