@@ -53,6 +53,11 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(extra: &[&str]) -> TestEnv {
+        Self::new_with_nats(&nats_url(), extra).await
+    }
+
+    /// A private stream and database on the NATS server at `nats`.
+    pub async fn new_with_nats(nats: &str, extra: &[&str]) -> TestEnv {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let stream = format!("T_{id}");
         let db_name = format!("tally_t_{id}");
@@ -80,7 +85,7 @@ impl TestEnv {
         let Command::Api(common) = Cli::parse_from(args).command else {
             unreachable!()
         };
-        let conns = stack::connect(&common, &nats_url(), &db_url)
+        let conns = stack::connect(&common, nats, &db_url)
             .await
             .expect("connect test stack");
         TestEnv {

@@ -95,7 +95,12 @@ impl ApiError {
             }
             other => other.to_string(),
         };
-        json!({"error": {"code": code, "message": message, "field": self.field()}})
+        let mut body = json!({"error": {"code": code, "message": message, "field": self.field()}});
+        if matches!(self, ApiError::Unavailable(_)) {
+            // SPEC §4.5: an admission that could not be recorded answers {"reason":"unavailable"}.
+            body["reason"] = json!("unavailable");
+        }
+        body
     }
 }
 

@@ -93,6 +93,13 @@ impl AppState {
     }
 
     pub(crate) async fn publish(&self, env: &Envelope) -> Result<(), ApiError> {
+        // While the connection is down the client would buffer the message and send it after
+        // reconnecting, possibly after we answered 503: refuse at once instead, so an event we
+        // reported as not recorded does not appear later.
+        if self.0.nats.connection_state() != async_nats::connection::State::Connected {
+            self.metrics().unavailable.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::Unavailable("NATS is disconnected".into()));
+        }
         self.0.publisher.publish(env).await.map(drop).map_err(|e| {
             self.metrics().unavailable.fetch_add(1, Ordering::Relaxed);
             ApiError::from(e)
