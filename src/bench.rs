@@ -405,7 +405,7 @@ async fn run_load(
     let (mut workers, mut handles) = stack::spawn_projectors(conns, &shutdown);
     workers.ledger = Some(ledger_stats);
     handles.push(ledger);
-    let (state, tail) = stack::api_state(conns, common, tokens, workers);
+    let (state, tail) = stack::api_state(conns, common, tokens, workers)?;
     let (addr, api) = stack::spawn_api("127.0.0.1:0".parse()?, state, &shutdown).await?;
     handles.push(api);
     let ctx = Arc::new(LoadCtx {

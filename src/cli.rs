@@ -87,6 +87,13 @@ pub struct CommonArgs {
         hide_env_values = true
     )]
     pub api_tokens: String,
+    /// When NATS cannot take an event, admit anyway: count locally and spool the events durably
+    /// (fsync) under --spool-dir until NATS is back (SPEC §4). Default: fail closed (503).
+    #[arg(long, env = "TALLY_FAIL_OPEN")]
+    pub fail_open: bool,
+    /// The fail-open spool's directory (one per API instance; locked while in use).
+    #[arg(long, env = "TALLY_SPOOL_DIR", default_value = "./.tally/spool")]
+    pub spool_dir: PathBuf,
     /// Serve without authentication (development only).
     #[arg(long)]
     pub insecure_no_auth: bool,

@@ -68,7 +68,7 @@ async fn api(c: CommonArgs) -> anyhow::Result<()> {
     let (nats, db) = urls(&c)?;
     let conns = stack::connect(&c, &nats, &db).await?;
     let shutdown = Shutdown::default();
-    let (state, _tail) = stack::api_state(&conns, &c, tokens, WorkerStats::default());
+    let (state, _tail) = stack::api_state(&conns, &c, tokens, WorkerStats::default())?;
     let (addr, handle) = stack::spawn_api(c.http_addr, state, &shutdown).await?;
     tracing::info!(%addr, "API listening");
     supervise(vec![handle], shutdown).await
@@ -148,7 +148,7 @@ async fn up_with(c: &CommonArgs, nats: &str, db: &str) -> anyhow::Result<()> {
     let (mut workers, mut handles) = stack::spawn_projectors(&conns, &shutdown);
     workers.ledger = Some(ledger_stats);
     handles.push(ledger);
-    let (state, _tail) = stack::api_state(&conns, c, tokens.clone(), workers);
+    let (state, _tail) = stack::api_state(&conns, c, tokens.clone(), workers)?;
     let (addr, api) = stack::spawn_api(c.http_addr, state, &shutdown).await?;
     handles.push(api);
     println!("tally up: API http://{addr}");

@@ -77,6 +77,7 @@ struct PrivatePostgres {
     pg_ctl: PathBuf,
     data: PathBuf,
     as_postgres_user: bool,
+    port: u16,
 }
 
 impl Services {
@@ -133,6 +134,21 @@ impl Services {
             pg.stop().context("stopping the private Postgres")?;
         }
         Ok(())
+    }
+}
+
+impl Services {
+    /// Stop the private Postgres (fast shutdown), keeping its data: a failure drill for tests
+    /// and operators. Errors when Postgres is not private.
+    pub fn stop_private_postgres(&self) -> anyhow::Result<()> {
+        let pg = self.postgres.as_ref().context("Postgres is not private")?;
+        pg.stop()
+    }
+
+    /// Start the private Postgres again on the same port after [`Self::stop_private_postgres`].
+    pub fn start_private_postgres(&self) -> anyhow::Result<()> {
+        let pg = self.postgres.as_ref().context("Postgres is not private")?;
+        pg.start()
     }
 }
 
@@ -294,6 +310,7 @@ async fn start_postgres(opts: &ServicesOptions) -> anyhow::Result<(String, Priva
         pg_ctl,
         data: data.clone(),
         as_postgres_user,
+        port: free_port()?,
     };
     if !data.join("PG_VERSION").exists() {
         pg.init(&initdb)?;
@@ -302,8 +319,8 @@ async fn start_postgres(opts: &ServicesOptions) -> anyhow::Result<(String, Priva
         tracing::warn!("stopping a private Postgres left by an earlier run");
         let _ = pg.stop();
     }
-    let port = free_port()?;
-    pg.start(port)?;
+    let port = pg.port;
+    pg.start()?;
     let url = format!("postgres://postgres@127.0.0.1:{port}/{DATABASE_NAME}");
     create_database(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))
         .await
@@ -342,7 +359,8 @@ impl PrivatePostgres {
         .context("initdb for the private Postgres")
     }
 
-    fn start(&self, port: u16) -> anyhow::Result<()> {
+    fn start(&self) -> anyhow::Result<()> {
+        let port = self.port;
         // TCP on loopback only, and no Unix socket: the data directory's path may exceed the
         // 107-byte socket path limit, and nothing else should find this server by accident.
         let options = format!(

@@ -165,19 +165,27 @@ pub fn spawn_projectors(
     (stats, handles)
 }
 
-/// Build the API state and start its stream tail.
+/// Build the API state and start its stream tail (and, with `--fail-open`, the spool drainer).
+/// Fails when the spool cannot be opened (unwritable, or in use by another instance).
 pub fn api_state(
     c: &Connections,
     common: &CommonArgs,
     tokens: Tokens,
     workers: WorkerStats,
-) -> (AppState, JoinHandle<()>) {
+) -> anyhow::Result<(AppState, JoinHandle<()>)> {
     let config = ApiConfig {
         reservation_ttl: common.reservation_ttl,
         max_backfill: common.max_backfill,
         max_clock_skew: common.max_clock_skew,
     };
     let publisher = Publisher::new(c.js.clone(), c.stream.clone());
+    let spool = if common.fail_open {
+        let spool = tally_ledger::Spool::open(&common.spool_dir, publisher.clone(), c.nats.clone())
+            .with_context(|| format!("opening the spool in {}", common.spool_dir.display()))?;
+        Some(spool)
+    } else {
+        None
+    };
     let state = AppState::new(
         publisher,
         c.nats.clone(),
@@ -185,9 +193,17 @@ pub fn api_state(
         tokens,
         config,
         workers,
+        spool.clone(),
     );
-    let tail = tokio::spawn(tally_api::tail::run(state.clone()));
-    (state, tail)
+    let tail = tally_api::tail::run(state.clone());
+    let handle = tokio::spawn(async move {
+        match spool {
+            // Both end when the task is aborted.
+            Some(spool) => drop(tokio::join!(tail, spool.drain(std::future::pending()))),
+            None => tail.await,
+        }
+    });
+    Ok((state, handle))
 }
 
 /// Bind and serve the API until shutdown.

@@ -4,9 +4,11 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Stack, TestEnv};
+use common::{Stack, TestEnv, load};
 use serde_json::json;
 
 fn free_port() -> u16 {
@@ -88,11 +90,11 @@ async fn nats_down_fails_closed_and_loses_nothing() {
     loop {
         let (st, d) = admit(&stack, "during").await;
         if st == 200 {
-            assert_eq!(
-                (d["admitted"].as_bool(), d["replayed"].as_bool()),
-                (Some(true), Some(false)),
-                "{d}"
-            );
+            // Either the refused attempt left nothing and this is a fresh decision, or its
+            // publish was already on the wire when NATS died and landed after the restart: then
+            // the retry returns that recorded decision and reserves nothing more.
+            assert_eq!(d["admitted"].as_bool(), Some(true), "{d}");
+            println!("retry after the restart: replayed = {}", d["replayed"]);
             break;
         }
         assert!(
@@ -105,7 +107,7 @@ async fn nats_down_fails_closed_and_loses_nothing() {
         "admissions resumed {:?} after NATS restarted",
         start.elapsed()
     );
-    // 50 before, 1 after: the refused attempt left nothing behind (no late copy either).
+    // 50 before, 1 for "during": one admission however the refused attempt ended.
     env.eventually("every admitted request in the ledger, once", || async {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM ledger WHERE event_type = 'admission.decided'",
@@ -122,10 +124,297 @@ async fn nats_down_fails_closed_and_loses_nothing() {
             .fetch_one(env.pool())
             .await
             .unwrap();
-    assert_eq!(rows, 51, "no late copy of the refused admission");
+    assert_eq!(
+        rows, 51,
+        "one admission for the refused-then-retried request"
+    );
     stack.stop().await;
     env.cleanup().await;
     nats.kill().unwrap();
     let _ = nats.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A private nats-server that a drill can kill and restart on the same port and store.
+struct Drill {
+    port: u16,
+    dir: std::path::PathBuf,
+    nats: Option<Child>,
+}
+
+impl Drill {
+    fn start() -> Drill {
+        let dir =
+            std::env::temp_dir().join(format!("tally-nats-{}", uuid::Uuid::new_v4().simple()));
+        let port = free_port();
+        let nats = Some(nats_server(port, &dir));
+        Drill { port, dir, nats }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let mut n = self.nats.take().expect("running");
+        n.kill().unwrap();
+        n.wait().unwrap();
+    }
+
+    fn restart(&mut self) {
+        self.nats = Some(nats_server(self.port, &self.dir));
+    }
+}
+
+impl Drop for Drill {
+    fn drop(&mut self) {
+        if let Some(mut n) = self.nats.take() {
+            let _ = n.kill();
+            let _ = n.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const DRILL_CLIENTS: usize = 8;
+
+/// Load for a second, NATS killed for `down`, restarted, load until admissions have run for a
+/// second again. Returns every outcome and the kill/restart instants.
+async fn load_through_outage(
+    stack: &Arc<Stack>,
+    drill: &mut Drill,
+    down: Duration,
+) -> (Vec<load::Outcome>, Instant, Instant) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let runner = tokio::spawn(load::run(
+        stack.clone(),
+        &["key:a", "key:b"],
+        DRILL_CLIENTS,
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drill.kill();
+    let killed = Instant::now();
+    tokio::time::sleep(down).await;
+    drill.restart();
+    let restarted = Instant::now();
+    // Let the load run on until admissions have been answered 200 for a second after the restart.
+    stack
+        .wait_ready_within(Duration::from_secs(60))
+        .await
+        .expect("ready again after NATS returned");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    (runner.await.unwrap(), killed, restarted)
+}
+
+/// Issue 3, test 5 (fail-closed): NATS killed in the middle of concurrent load and restarted.
+/// While it is down admissions answer 503 unavailable; everything answered 200/202 is in the
+/// ledger exactly once; the only ledger rows of requests answered 503 are the publishes that were
+/// already in flight when NATS died (at most one per client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_under_load_fails_closed_and_loses_nothing() {
+    let mut drill = Drill::start();
+    let env = TestEnv::new_with_nats(&drill.url(), &[]).await;
+    let stack = Arc::new(Stack::start(&env).await);
+    let (outcomes, killed, restarted) =
+        load_through_outage(&stack, &mut drill, Duration::from_secs(2)).await;
+    let ok = |o: &&load::Outcome| o.admit_status == 200;
+    let refused = outcomes.iter().filter(|o| o.admit_status == 503).count();
+    let during = outcomes
+        .iter()
+        .filter(|o| o.sent > killed + Duration::from_millis(200) && o.sent < restarted)
+        .collect::<Vec<_>>();
+    let before = outcomes
+        .iter()
+        .filter(|o| o.sent < killed)
+        .filter(ok)
+        .count();
+    let after = outcomes
+        .iter()
+        .filter(|o| o.sent > restarted)
+        .filter(ok)
+        .count();
+    println!(
+        "fail-closed drill: {} requests, {before} admitted before the kill, {} sent while down \
+         ({} answered 503), {after} admitted after the restart, {refused} refused in all",
+        outcomes.len(),
+        during.len(),
+        during.iter().filter(|o| o.admit_status == 503).count()
+    );
+    assert!(
+        before > 0 && after > 0,
+        "load ran on both sides of the outage"
+    );
+    assert!(!during.is_empty(), "requests were sent while NATS was down");
+    assert!(
+        during.iter().all(|o| o.admit_status == 503),
+        "nothing is admitted while NATS is down (fail-closed)"
+    );
+    let expected_rows = outcomes.iter().filter(ok).count()
+        + outcomes
+            .iter()
+            .filter(|o| o.settle_status == Some(202))
+            .count();
+    env.eventually("the ledger holds every acknowledged event", || async {
+        env.ledger_count().await >= expected_rows as i64
+    })
+    .await;
+    let rows = load::ledger_rows(env.pool()).await;
+    let mut in_flight = 0;
+    for o in &outcomes {
+        let (adm, set) = rows.get(&o.request_id).copied().unwrap_or((0, 0));
+        if o.admit_status == 200 {
+            assert_eq!(adm, 1, "admission of {} in the ledger once", o.request_id);
+        } else if adm > 0 {
+            in_flight += 1;
+        }
+        match o.settle_status {
+            Some(202) => assert_eq!(set, 1, "settlement of {} in the ledger once", o.request_id),
+            Some(_) => in_flight += set,
+            None => assert_eq!(set, 0),
+        }
+    }
+    println!("ledger rows of requests answered 503 (publishes in flight at the kill): {in_flight}");
+    assert!(
+        in_flight <= DRILL_CLIENTS as i64,
+        "only publishes already in flight at the kill may land: {in_flight}"
+    );
+    let settled: i64 = outcomes
+        .iter()
+        .filter(|o| o.settle_status == Some(202))
+        .map(|o| o.cost)
+        .sum();
+    let ledger_cost: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(cost), 0)::bigint FROM ledger WHERE event_type = 'usage.settled'",
+    )
+    .fetch_one(env.pool())
+    .await
+    .unwrap();
+    println!("settled cost acknowledged {settled}, in the ledger {ledger_cost}");
+    assert!(ledger_cost >= settled);
+    stack_stop(stack).await;
+    env.cleanup().await;
+}
+
+/// Issue 3, test 5 (fail-open): the same drill with `--fail-open`. Every request is answered
+/// 200/202 while NATS is down; the events are spooled (fsync) and published in order once it
+/// returns; the ledger holds every spooled event exactly once, and every acknowledged request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_under_load_fails_open_and_spools_exactly_once() {
+    let mut drill = Drill::start();
+    let spool_dir =
+        std::env::temp_dir().join(format!("tally-spool-{}", uuid::Uuid::new_v4().simple()));
+    let spool_arg = spool_dir.to_str().unwrap().to_owned();
+    let env =
+        TestEnv::new_with_nats(&drill.url(), &["--fail-open", "--spool-dir", &spool_arg]).await;
+    let stack = Arc::new(Stack::start(&env).await);
+    let (outcomes, killed, restarted) =
+        load_through_outage(&stack, &mut drill, Duration::from_secs(2)).await;
+    let during = outcomes
+        .iter()
+        .filter(|o| o.sent > killed && o.sent < restarted)
+        .count();
+    println!(
+        "fail-open drill: {} requests, {during} sent while NATS was down",
+        outcomes.len()
+    );
+    for o in outcomes
+        .iter()
+        .filter(|o| o.took > Duration::from_millis(500))
+    {
+        println!(
+            "slow: {} sent {:?} after the kill, took {:?}",
+            o.request_id,
+            o.sent.checked_duration_since(killed),
+            o.took
+        );
+    }
+    assert!(during > 0, "requests were sent while NATS was down");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.admit_status == 200 && o.settle_status == Some(202)),
+        "fail-open answers every request"
+    );
+    env.eventually("the spool drained", || async {
+        let (_, r) = stack.get("/readyz").await;
+        r["checks"]["spool_pending_events"] == 0
+    })
+    .await;
+    let expected = (outcomes.len() * 2) as i64;
+    env.eventually("the ledger holds every event", || async {
+        env.ledger_count().await >= expected
+    })
+    .await;
+    let mut spooled = Vec::new();
+    for f in tally_ledger::spool::drained_files(&spool_dir) {
+        spooled.extend(tally_ledger::spool::ids_in(&f).unwrap());
+    }
+    spooled.extend(tally_ledger::spool::ids_in(&spool_dir.join("spool.log")).unwrap());
+    let unique: std::collections::HashSet<&String> = spooled.iter().collect();
+    let in_ledger: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ledger WHERE event_id::text = ANY($1)")
+            .bind(&spooled)
+            .fetch_one(env.pool())
+            .await
+            .unwrap();
+    println!(
+        "spooled {} events ({} distinct); {in_ledger} of them in the ledger; ledger rows {}",
+        spooled.len(),
+        unique.len(),
+        env.ledger_count().await
+    );
+    assert!(!spooled.is_empty(), "the outage spooled events");
+    assert_eq!(unique.len(), spooled.len(), "each event spooled once");
+    assert_eq!(
+        in_ledger,
+        spooled.len() as i64,
+        "every spooled event in the ledger"
+    );
+    let rows = load::ledger_rows(env.pool()).await;
+    for o in &outcomes {
+        assert_eq!(
+            rows.get(&o.request_id).copied(),
+            Some((1, 1)),
+            "{} admitted and settled once in the ledger",
+            o.request_id
+        );
+    }
+    assert_eq!(
+        env.ledger_count().await,
+        expected,
+        "nothing else, nothing twice"
+    );
+    // In order: each request's settlement follows its admission in the stream.
+    let misordered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ledger a JOIN ledger s USING (request_id) \
+         WHERE a.event_type = 'admission.decided' AND s.event_type = 'usage.settled' \
+           AND s.stream_seq < a.stream_seq",
+    )
+    .fetch_one(env.pool())
+    .await
+    .unwrap();
+    assert_eq!(misordered, 0, "spooled events published in order");
+    let settled: i64 = outcomes.iter().map(|o| o.cost).sum();
+    let ledger_cost: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(cost), 0)::bigint FROM ledger WHERE event_type = 'usage.settled'",
+    )
+    .fetch_one(env.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        ledger_cost, settled,
+        "settled cost equals what clients were told"
+    );
+    stack_stop(stack).await;
+    env.cleanup().await;
+    let _ = std::fs::remove_dir_all(&spool_dir);
+}
+
+async fn stack_stop(stack: Arc<Stack>) {
+    match Arc::try_unwrap(stack) {
+        Ok(s) => s.stop().await,
+        Err(_) => panic!("load still holds the stack"),
+    }
 }

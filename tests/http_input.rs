@@ -49,7 +49,7 @@ async fn bad_input_is_refused_naming_the_field() {
     let env = TestEnv::new(&[]).await;
     let tokens = tally_api::Tokens::from_lists(common::ADMIN, API);
     let (state, tail) =
-        tally::stack::api_state(&env.conns, &env.common, tokens, Default::default());
+        tally::stack::api_state(&env.conns, &env.common, tokens, Default::default()).unwrap();
     let app = tally_api::app(state);
 
     // Auth.

@@ -12,6 +12,8 @@ use tally::cli::{Cli, Command, CommonArgs};
 use tally::stack::{self, Connections, Shutdown};
 use tokio::task::JoinHandle;
 
+pub mod load;
+
 /// Admin token of test stacks.
 pub const ADMIN: &str = "test-admin-token";
 /// API token of test stacks.
@@ -31,7 +33,11 @@ pub fn server_url() -> String {
 
 /// `server_url` with its database replaced by `db`.
 pub fn database_url(db: &str) -> String {
-    let base = server_url();
+    database_url_on(&server_url(), db)
+}
+
+/// `base` with its database replaced by `db`.
+pub fn database_url_on(base: &str, db: &str) -> String {
     let (head, tail) = base
         .rsplit_once('/')
         .expect("DATABASE_URL has a database part");
@@ -44,6 +50,7 @@ pub fn database_url(db: &str) -> String {
 
 /// A private stream and database.
 pub struct TestEnv {
+    pub server: String,
     pub stream: String,
     pub db_name: String,
     pub db_url: String,
@@ -58,17 +65,22 @@ impl TestEnv {
 
     /// A private stream and database on the NATS server at `nats`.
     pub async fn new_with_nats(nats: &str, extra: &[&str]) -> TestEnv {
+        Self::new_on(nats, &server_url(), extra).await
+    }
+
+    /// A private stream on `nats` and a private database on the Postgres server of `server`.
+    pub async fn new_on(nats: &str, server: &str, extra: &[&str]) -> TestEnv {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let stream = format!("T_{id}");
         let db_name = format!("tally_t_{id}");
-        let mut admin = sqlx::PgConnection::connect(&server_url())
+        let mut admin = sqlx::PgConnection::connect(server)
             .await
             .expect("connect to Postgres");
         sqlx::query(&format!("CREATE DATABASE {db_name}"))
             .execute(&mut admin)
             .await
             .unwrap();
-        let db_url = database_url(&db_name);
+        let db_url = database_url_on(server, &db_name);
         let mut args = vec![
             "tally",
             "api",
@@ -89,6 +101,7 @@ impl TestEnv {
             .await
             .expect("connect test stack");
         TestEnv {
+            server: server.to_owned(),
             stream,
             db_name,
             db_url,
@@ -141,7 +154,7 @@ impl TestEnv {
         let _ = self.conns.js.delete_stream(&self.stream).await;
         let _ = self.conns.js.delete_stream(&dlq).await;
         self.conns.pool.close().await;
-        if let Ok(mut admin) = sqlx::PgConnection::connect(&server_url()).await {
+        if let Ok(mut admin) = sqlx::PgConnection::connect(&self.server).await {
             let _ = sqlx::query(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.db_name
@@ -176,7 +189,7 @@ impl Stack {
             handles.push(h);
         }
         let tokens = tally_api::Tokens::from_lists(ADMIN, API);
-        let (state, tail) = stack::api_state(&env.conns, &env.common, tokens, workers);
+        let (state, tail) = stack::api_state(&env.conns, &env.common, tokens, workers).unwrap();
         let (addr, api) = stack::spawn_api("127.0.0.1:0".parse().unwrap(), state, &shutdown)
             .await
             .unwrap();
@@ -197,14 +210,25 @@ impl Stack {
     }
 
     pub async fn wait_ready(&self) {
+        self.wait_ready_within(SETTLE_TIMEOUT)
+            .await
+            .expect("stack never became ready");
+    }
+
+    /// Wait for `/readyz` 200 with NATS connected; Err after `limit`.
+    pub async fn wait_ready_within(&self, limit: Duration) -> Result<(), String> {
         let start = Instant::now();
         loop {
             if let Ok(r) = self.http.get(self.url("/readyz")).send().await
                 && r.status() == 200
+                && let Ok(b) = r.json::<serde_json::Value>().await
+                && b["checks"]["nats"] == "ok"
             {
-                return;
+                return Ok(());
             }
-            assert!(start.elapsed() < SETTLE_TIMEOUT, "stack never became ready");
+            if start.elapsed() > limit {
+                return Err(format!("not ready within {limit:?}"));
+            }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }

@@ -91,7 +91,7 @@ impl ApiError {
         let (_, code) = self.status();
         let message = match self {
             ApiError::Unavailable(_) => {
-                "a dependency is unavailable; nothing was recorded, retry".to_owned()
+                "a dependency is unavailable; the request was not acknowledged: retry with the same request_id".to_owned()
             }
             other => other.to_string(),
         };
@@ -129,9 +129,9 @@ impl From<tally_ledger::Error> for ApiError {
     fn from(e: tally_ledger::Error) -> Self {
         match e {
             tally_ledger::Error::InvalidEvent(e) => e.into(),
-            tally_ledger::Error::Publish(m) | tally_ledger::Error::JetStream(m) => {
-                ApiError::Unavailable(m)
-            }
+            tally_ledger::Error::Publish(m)
+            | tally_ledger::Error::JetStream(m)
+            | tally_ledger::Error::Spool(m) => ApiError::Unavailable(m),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -92,18 +92,60 @@ impl AppState {
         Ok(at)
     }
 
+    /// Make `env` durable before the caller answers: published to JetStream with its ack, or,
+    /// with `--fail-open`, fsynced to the local spool while NATS cannot take it (and while older
+    /// spooled events still wait, so order holds). Fail-closed otherwise.
     pub(crate) async fn publish(&self, env: &Envelope) -> Result<(), ApiError> {
+        let connected = self.0.nats.connection_state() == async_nats::connection::State::Connected;
+        if let Some(spool) = &self.0.spool {
+            if connected && spool.pending() == 0 {
+                match self.publish_while_connected(env).await {
+                    Ok(_) => return Ok(()),
+                    Err(tally_ledger::Error::InvalidEvent(e)) => return Err(e.into()),
+                    // The ack may still have been lost after the server stored it; the spooled
+                    // copy then carries the same id and is deduplicated.
+                    Err(e) => tracing::warn!(error = %e, "publish failed; spooling"),
+                }
+            }
+            return spool.append(env).await.map_err(|e| {
+                self.metrics().unavailable.fetch_add(1, Ordering::Relaxed);
+                ApiError::from(e)
+            });
+        }
         // While the connection is down the client would buffer the message and send it after
         // reconnecting, possibly after we answered 503: refuse at once instead, so an event we
         // reported as not recorded does not appear later.
-        if self.0.nats.connection_state() != async_nats::connection::State::Connected {
+        if !connected {
             self.metrics().unavailable.fetch_add(1, Ordering::Relaxed);
             return Err(ApiError::Unavailable("NATS is disconnected".into()));
         }
-        self.0.publisher.publish(env).await.map(drop).map_err(|e| {
+        self.publish_while_connected(env).await.map_err(|e| {
             self.metrics().unavailable.fetch_add(1, Ordering::Relaxed);
             ApiError::from(e)
         })
+    }
+
+    /// Publish and await the ack, but stop waiting as soon as the connection drops: the client
+    /// would otherwise hold the caller for the whole ack timeout. The message may still reach the
+    /// stream after the reconnect; the answer then says 503 for an event that landed, and a retry
+    /// with the same request id returns what was recorded (a spooled copy has the same id and is
+    /// deduplicated).
+    async fn publish_while_connected(&self, env: &Envelope) -> Result<(), tally_ledger::Error> {
+        let nats = &self.0.nats;
+        let dropped = async {
+            loop {
+                tokio::time::sleep(CONNECTION_POLL).await;
+                if nats.connection_state() != async_nats::connection::State::Connected {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            r = self.0.publisher.publish(env) => r.map(drop),
+            _ = dropped => Err(tally_ledger::Error::Publish(
+                "NATS disconnected before the ack arrived".into(),
+            )),
+        }
     }
 
     fn slot(&self, request_id: &str) -> Result<crate::table::Slot, ApiError> {
@@ -112,6 +154,10 @@ impl AppState {
             .ok_or_else(|| ApiError::Unavailable("request table full".into()))
     }
 }
+
+/// How often a publish awaiting its ack checks the connection: bounds how long a request waits
+/// after NATS went away (instead of the whole ack timeout).
+pub const CONNECTION_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 fn admission_body(view: &RequestView, replayed: bool) -> serde_json::Value {
     let a = view.admission.as_ref().expect("admission present");

@@ -92,6 +92,8 @@ struct Inner {
     metrics: Metrics,
     workers: WorkerStats,
     tail_ready: AtomicBool,
+    /// `--fail-open`: where events go while NATS cannot take them.
+    spool: Option<tally_ledger::Spool>,
     /// The quota fold: configuration, usage, reservations, credits. A std mutex, never held
     /// across an await: check-and-reserve of an admission happens entirely under it.
     quota: std::sync::Mutex<tally_events::quota::QuotaState>,
@@ -112,6 +114,7 @@ impl AppState {
         tokens: Tokens,
         config: ApiConfig,
         workers: WorkerStats,
+        spool: Option<tally_ledger::Spool>,
     ) -> Self {
         let requests = RequestTable::new(config.reservation_ttl);
         AppState(Arc::new(Inner {
@@ -124,6 +127,7 @@ impl AppState {
             metrics: Metrics::default(),
             workers,
             tail_ready: AtomicBool::new(false),
+            spool,
             quota: std::sync::Mutex::new(Default::default()),
             admin_lock: tokio::sync::Mutex::new(()),
         }))
@@ -141,6 +145,11 @@ impl AppState {
     /// The quota state (lock briefly; never across an await).
     pub fn quota(&self) -> std::sync::MutexGuard<'_, tally_events::quota::QuotaState> {
         self.0.quota.lock().expect("quota state lock")
+    }
+
+    /// The fail-open spool, when `--fail-open` is on.
+    pub fn spool(&self) -> Option<&tally_ledger::Spool> {
+        self.0.spool.as_ref()
     }
 
     /// The counters.

@@ -23,7 +23,10 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: NATS and Postgres reachable, the request tail caught up, projections within lag.
+/// `GET /readyz`: 200 when this instance can decide admissions (the quota state caught up, and
+/// NATS connected, or `--fail-open` spooling), 503 otherwise. Either way the body says what is
+/// wrong: `degraded` lists every dependency not in order (Postgres down or projections lagging do
+/// not stop admissions, which run on the in-memory state; the ledger catches up later).
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let inner = &state.0;
     let nats_ok = inner.nats.connection_state() == async_nats::connection::State::Connected;
@@ -45,14 +48,31 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             lags.insert((*name).to_owned(), lag.into());
         }
     }
-    let ready = nats_ok && pg_ok && tail_ok && lag_ok;
+    let spool = inner.spool.as_ref();
+    let spooling = spool.is_some_and(|s| s.pending() > 0);
+    let mut degraded = Vec::new();
+    for (bad, what) in [
+        (!nats_ok, "nats"),
+        (!pg_ok, "postgres"),
+        (!tail_ok, "request_tail"),
+        (!lag_ok, "projection_lag"),
+        (spooling, "spool"),
+    ] {
+        if bad {
+            degraded.push(what);
+        }
+    }
+    let ready = tail_ok && (nats_ok || spool.is_some());
     let body = json!({
         "ready": ready,
+        "degraded": degraded,
         "checks": {
             "nats": if nats_ok { "ok" } else { "unreachable" },
             "postgres": if pg_ok { "ok" } else { "unreachable" },
             "request_tail": if tail_ok { "caught_up" } else { "catching_up" },
             "projection_lag_rows": lags,
+            "fail_open": spool.is_some(),
+            "spool_pending_events": spool.map(|s| s.pending()),
         }
     });
     let status = if ready {
@@ -119,6 +139,18 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         "Requests answered 503: an event could not be published.",
         m.unavailable.load(Ordering::Relaxed),
     );
+    if let Some(sp) = &inner.spool {
+        counter(
+            "tally_spool_appended_total",
+            "Events spooled to local disk because NATS could not take them (--fail-open).",
+            sp.appended_total(),
+        );
+        counter(
+            "tally_spool_published_total",
+            "Spooled events published to JetStream.",
+            sp.published_total(),
+        );
+    }
     if let Some(l) = &inner.workers.ledger {
         counter(
             "tally_ledger_rows_appended_total",
@@ -156,6 +188,14 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         None,
         inner.requests.len() as i64,
     );
+    if let Some(sp) = &inner.spool {
+        gauge(
+            "tally_spool_pending_events",
+            "Spooled events waiting for NATS.",
+            None,
+            sp.pending() as i64,
+        );
+    }
     if let Some(l) = &inner.workers.ledger {
         gauge(
             "tally_ledger_checkpoint",

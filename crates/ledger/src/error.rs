@@ -26,6 +26,10 @@ pub enum Error {
     /// Applying migrations failed.
     #[error("migration failed: {0}")]
     Migrate(String),
+    /// The fail-open spool could not take or give back an event (disk full, I/O error, spool
+    /// at its size cap, unreadable cursor).
+    #[error("spool: {0}")]
+    Spool(String),
     /// The stream's last sequence is below the ledger checkpoint: the stream lost acknowledged
     /// history (restart without fsync, recreated stream). Continuing would mix two histories, so
     /// the writer stops and an operator must decide.

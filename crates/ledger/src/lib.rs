@@ -3,17 +3,21 @@
 //! - [`stream`]: the JetStream stream, created or updated idempotently with every setting explicit.
 //! - [`publish`]: publishing events with `Nats-Msg-Id` = event id, awaiting the ack, with bounded
 //!   in-flight publishes.
+//! - [`spool`]: the fail-open spool: events fsynced to local disk while NATS is away, published
+//!   in order, exactly once, when it returns.
 //! - [`writer`]: the ledger writer, a durable pull consumer that appends each batch to Postgres in
 //!   one transaction with its checkpoint and acks only after commit.
 //! - [`MIGRATOR`]: the schema, applied by `tally migrate` and at start-up.
 
 pub mod error;
 pub mod publish;
+pub mod spool;
 pub mod stream;
 pub mod writer;
 
 pub use error::Error;
 pub use publish::Publisher;
+pub use spool::Spool;
 pub use stream::StreamSettings;
 pub use writer::{LedgerWriter, WriterSettings};
 

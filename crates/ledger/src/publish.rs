@@ -82,3 +82,59 @@ impl Publisher {
         Ok(ack.sequence)
     }
 }
+
+impl Publisher {
+    /// Publish `(subject, msg_id, payload)` records in order, pipelined on the one connection (so
+    /// the server stores them in the order given), then await the acks in order. Returns how many
+    /// leading records are acknowledged; on error also how many were before the failure (the
+    /// caller resends from there; later ones that did land are deduplicated by their id). A record
+    /// with an empty subject is an unreadable spool line: it is skipped and counts as done.
+    pub async fn publish_ordered(
+        &self,
+        records: Vec<(String, String, bytes::Bytes)>,
+    ) -> Result<usize, (usize, Error)> {
+        let mut acks = Vec::with_capacity(records.len());
+        for (subject, msg_id, payload) in records {
+            if subject.is_empty() {
+                acks.push(None);
+                continue;
+            }
+            let publish = Publish::build().message_id(msg_id).payload(payload);
+            match self.js.send_publish(subject, publish).await {
+                Ok(fut) => acks.push(Some(fut)),
+                Err(e) => {
+                    let sent = acks.len();
+                    return match await_in_order(acks).await {
+                        Ok(n) if n == sent => Err((n, Error::Publish(e.to_string()))),
+                        Ok(n) => Err((n, Error::Publish("ack missing".into()))),
+                        Err(failed) => Err(failed),
+                    };
+                }
+            }
+        }
+        await_in_order(acks).await
+    }
+}
+
+/// Await acks in order; the count of leading successes, or it with the first failure.
+async fn await_in_order(
+    acks: Vec<Option<jetstream::context::PublishAckFuture>>,
+) -> Result<usize, (usize, Error)> {
+    let mut done = 0;
+    for ack in acks {
+        if let Some(fut) = ack {
+            match tokio::time::timeout(PUBLISH_ACK_TIMEOUT, fut.into_future()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err((done, Error::Publish(e.to_string()))),
+                Err(_) => {
+                    return Err((
+                        done,
+                        Error::Publish(format!("no ack within {PUBLISH_ACK_TIMEOUT:?}")),
+                    ));
+                }
+            }
+        }
+        done += 1;
+    }
+    Ok(done)
+}

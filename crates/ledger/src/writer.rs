@@ -155,7 +155,13 @@ impl LedgerWriter {
                 }
             };
             if last_alarm_check.elapsed() > ALARM_CHECK_EVERY {
-                self.check_alarm().await?;
+                match self.check_alarm().await {
+                    Err(e @ Error::StreamBehindCheckpoint { .. }) => return Err(e),
+                    // Postgres or NATS briefly away: the check runs again next time; the batch
+                    // below waits for Postgres in its own retry loop.
+                    Err(e) => tracing::warn!(error = %e, "stream/checkpoint check failed"),
+                    Ok(()) => {}
+                }
                 last_alarm_check = tokio::time::Instant::now();
             }
             if batch.is_empty() {
