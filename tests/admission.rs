@@ -280,3 +280,60 @@ async fn reservations_expire_once_across_two_instances() {
 async fn slow_reserved(s: &Stack) -> Option<i64> {
     s.get("/v1/quota?subject=key:slow").await.1["checks"][0]["reserved"].as_i64()
 }
+
+/// Issue 3: the same `request_id` after an API restart (within the TTL) returns the first
+/// decision with `replayed: true` and reserves nothing more; the new instance rebuilt both the
+/// quota state and the request table from the ledger and the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_is_idempotent_across_an_api_restart() {
+    let env = TestEnv::new(&[]).await;
+    let first = Stack::start(&env).await;
+    lifetime_policy(&first, "key:idem").await;
+    let body = json!({"request_id": "idem-1", "subject": "key:idem", "estimate": {"cost": 700}});
+    let (st, a) = first.post("/v1/admit", body.clone()).await;
+    assert_eq!((st, a["admitted"].as_bool()), (200, Some(true)), "{a}");
+    // One more request admitted and settled, so the rebuilt state has settled usage as well.
+    let (st, _) = first
+        .post(
+            "/v1/admit",
+            json!({"request_id": "idem-2", "subject": "key:idem", "estimate": {"cost": 100}}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = first
+        .post(
+            "/v1/settle",
+            json!({"request_id": "idem-2", "usage": {"cost": 40}}),
+        )
+        .await;
+    assert_eq!(st, 202);
+    env.eventually("both admissions in the ledger", || async {
+        env.ledger_count().await >= 4
+    })
+    .await;
+    first.stop().await;
+
+    let second = Stack::start(&env).await;
+    let (st, b) = second.post("/v1/admit", body).await;
+    println!("after the restart: {b}");
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["replayed"], true, "{b}");
+    assert_eq!(b["admission_id"], a["admission_id"], "the first decision");
+    let (_, q) = second.get("/v1/quota?subject=key:idem").await;
+    let c = &q["checks"][0];
+    println!("quota after the replayed admission: {c}");
+    assert_eq!(
+        (c["used"].as_i64(), c["reserved"].as_i64()),
+        (Some(40), Some(700)),
+        "the reservation is held once, not twice: {q}"
+    );
+    let admissions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ledger WHERE request_id = 'idem-1' AND event_type = 'admission.decided'",
+    )
+    .fetch_one(env.pool())
+    .await
+    .unwrap();
+    assert_eq!(admissions, 1, "no second admission event");
+    second.stop().await;
+    env.cleanup().await;
+}
