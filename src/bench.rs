@@ -31,6 +31,14 @@ const RAW_PAYLOAD_BYTES: usize = 420;
 const LAG_SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Bound on waiting for the ledger and projections to absorb the load after it stops.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often the freshness probe settles one request while the load runs.
+const FRESHNESS_PROBE_EVERY: Duration = Duration::from_millis(50);
+/// How often the probe polls `/v1/quota` until the settlement shows.
+const FRESHNESS_POLL: Duration = Duration::from_millis(1);
+/// A settlement not visible after this is recorded at this value (and counted as missed).
+const FRESHNESS_TIMEOUT: Duration = Duration::from_secs(5);
+/// The probe's own subject, with a lifetime cost policy so `/v1/quota` shows its usage.
+const PROBE_SUBJECT: &str = "key:bench_freshness_probe";
 
 /// `tally bench` settings.
 #[derive(Debug, Clone, clap::Args)]
@@ -128,6 +136,13 @@ pub struct LoadResult {
     pub ledger_lag_ms: LagMs,
     /// Age of the oldest ledger row the usage projection had not folded, sampled every 100 ms.
     pub projection_lag_ms: LagMs,
+    /// Freshness (SPEC §10.6): from a settlement's 202 on instance A until `/v1/quota` on a
+    /// second instance B (same stream, its own tail) shows it, under the load.
+    pub freshness_other_instance_ms: LagMs,
+    /// The same on the instance that took the settlement (its state is updated before the 202).
+    pub freshness_same_instance_ms: LagMs,
+    /// Probe settlements not visible on B within 5 s.
+    pub freshness_missed: u64,
     /// After the load stopped: until every event was in the ledger and projected.
     pub drain_ms: u64,
     /// Ledger rows written by the run (warm-up included).
@@ -387,7 +402,10 @@ fn client(clients: usize) -> anyhow::Result<reqwest::Client> {
 struct LoadCtx {
     http: reqwest::Client,
     base: String,
+    /// The second API instance the freshness probe reads from.
+    observer: String,
     token: String,
+    admin_token: String,
     measuring: AtomicBool,
     errors: AtomicU64,
     run: String,
@@ -399,19 +417,28 @@ async fn run_load(
     conns: &Connections,
 ) -> anyhow::Result<LoadResult> {
     let token = format!("bench_{}", uuid::Uuid::new_v4().simple());
-    let tokens = Tokens::from_lists("", &token);
+    let admin_token = format!("bench_admin_{}", uuid::Uuid::new_v4().simple());
+    let tokens = Tokens::from_lists(&admin_token, &token);
     let shutdown = Shutdown::default();
     let (ledger_stats, ledger) = stack::spawn_ledger(conns, &shutdown);
     let (mut workers, mut handles) = stack::spawn_projectors(conns, &shutdown);
     workers.ledger = Some(ledger_stats);
     handles.push(ledger);
-    let (state, tail) = stack::api_state(conns, common, tokens, workers)?;
+    let (state, tail) = stack::api_state(conns, common, tokens.clone(), workers)?;
     let (addr, api) = stack::spawn_api("127.0.0.1:0".parse()?, state, &shutdown).await?;
     handles.push(api);
+    // A second instance on the same stream, only read by the freshness probe.
+    let (observer, observer_tail) =
+        stack::api_state(conns, common, tokens, tally_api::WorkerStats::default())?;
+    let (observer_addr, observer_api) =
+        stack::spawn_api("127.0.0.1:0".parse()?, observer, &shutdown).await?;
+    handles.push(observer_api);
     let ctx = Arc::new(LoadCtx {
         http: client(args.clients)?,
         base: format!("http://{addr}"),
+        observer: format!("http://{observer_addr}"),
         token,
+        admin_token,
         measuring: AtomicBool::new(false),
         errors: AtomicU64::new(0),
         run: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
@@ -423,21 +450,83 @@ async fn run_load(
         let _ = h.await;
     }
     tail.abort();
+    observer_tail.abort();
     result
 }
 
 async fn wait_ready(ctx: &LoadCtx) -> anyhow::Result<()> {
     let start = Instant::now();
-    loop {
-        let r = ctx.http.get(format!("{}/readyz", ctx.base)).send().await;
-        if matches!(&r, Ok(r) if r.status().is_success()) {
-            return Ok(());
+    for base in [&ctx.base, &ctx.observer] {
+        loop {
+            let r = ctx.http.get(format!("{base}/readyz")).send().await;
+            if matches!(&r, Ok(r) if r.status().is_success()) {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the bench stack did not become ready: {r:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("the bench stack did not become ready: {r:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let policy = json!({"subject": PROBE_SUBJECT, "metric": "cost", "limit": 1_000_000_000_000i64,
+        "window": {"kind": "lifetime"}});
+    let r = ctx
+        .http
+        .put(format!("{}/v1/policies/bench-freshness", ctx.base))
+        .bearer_auth(&ctx.admin_token)
+        .json(&policy)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("the probe policy was refused: {}", r.text().await?);
+    }
+    Ok(())
+}
+
+/// The probe subject's lifetime cost used, as `/v1/quota` on `base` shows it.
+async fn probe_used(ctx: &LoadCtx, base: &str) -> Option<i64> {
+    let r = ctx
+        .http
+        .get(format!("{base}/v1/quota?subject={PROBE_SUBJECT}"))
+        .bearer_auth(&ctx.token)
+        .send()
+        .await
+        .ok()?;
+    let q: serde_json::Value = r.json().await.ok()?;
+    q["checks"][0]["used"].as_i64()
+}
+
+/// Until `stop`: every 50 ms settle one unit of direct usage on A, then time how long until
+/// `/v1/quota` shows it on A and on B. Returns (same instance µs, other instance µs, missed).
+async fn freshness_probe(ctx: Arc<LoadCtx>, stop: Instant) -> (Vec<u64>, Vec<u64>, u64) {
+    let (mut same, mut other, mut missed) = (Vec::new(), Vec::new(), 0);
+    let mut expected = 0i64;
+    while Instant::now() < stop {
+        tokio::time::sleep(FRESHNESS_PROBE_EVERY).await;
+        expected += 1;
+        let body = json!({"request_id": format!("probe-{}-{expected}", ctx.run),
+            "subject": PROBE_SUBJECT, "usage": {"cost": 1}});
+        if !post(&ctx, "/v1/settle", &body).await {
+            expected -= 1;
+            continue;
+        }
+        let settled = Instant::now();
+        for (base, out) in [(&ctx.base, &mut same), (&ctx.observer, &mut other)] {
+            loop {
+                if probe_used(&ctx, base).await.is_some_and(|u| u >= expected) {
+                    out.push(settled.elapsed().as_micros() as u64);
+                    break;
+                }
+                if settled.elapsed() > FRESHNESS_TIMEOUT {
+                    out.push(FRESHNESS_TIMEOUT.as_micros() as u64);
+                    missed += 1;
+                    break;
+                }
+                tokio::time::sleep(FRESHNESS_POLL).await;
+            }
+        }
+    }
+    (same, other, missed)
 }
 
 /// One client: admit then settle, recording both latencies while measuring.
@@ -504,7 +593,9 @@ async fn drive(
     tokio::time::sleep(args.warmup).await;
     ctx.measuring.store(true, Ordering::Relaxed);
     let measure_start = chrono::Utc::now();
+    let probe = tokio::spawn(freshness_probe(ctx.clone(), stop));
     let lag_samples = sample_projection_lag(&conns.pool, stop).await;
+    let (same_us, other_us, freshness_missed) = probe.await?;
     let (mut pairs, mut admit_us, mut settle_us) = (0, Vec::new(), Vec::new());
     for t in tasks {
         let (p, a, s) = t.await?;
@@ -527,6 +618,9 @@ async fn drive(
         errors: ctx.errors.load(Ordering::Relaxed),
         ledger_lag_ms: ledger_lag(&conns.pool, measure_start, measure_end).await?,
         projection_lag_ms: lag_of(lag_samples),
+        freshness_other_instance_ms: lag_of(other_us.iter().map(|u| *u as f64 / 1e3).collect()),
+        freshness_same_instance_ms: lag_of(same_us.iter().map(|u| *u as f64 / 1e3).collect()),
+        freshness_missed,
         drain_ms,
         ledger_rows,
         peak_rss_mib: peak_rss_mib(),
@@ -735,6 +829,18 @@ fn print_report(r: &Report) {
     println!(
         "  projection lag            p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
         l.projection_lag_ms.p50, l.projection_lag_ms.p99, l.projection_lag_ms.max
+    );
+    let (fo, fs) = (
+        &l.freshness_other_instance_ms,
+        &l.freshness_same_instance_ms,
+    );
+    println!(
+        "  freshness, other instance p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} missed)",
+        fo.p50, fo.p99, fo.max, l.freshness_missed
+    );
+    println!(
+        "  freshness, same instance  p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+        fs.p50, fs.p99, fs.max
     );
     println!(
         "  drain after load          {} ms ({} ledger rows in the run)",
