@@ -140,6 +140,7 @@ async fn follow(state: &AppState, resume_after: &mut Option<u64>) -> Result<(), 
     let frontier = match *resume_after {
         Some(seq) => seq + 1,
         None => {
+            wait_for_spool_backlog(state).await;
             let frontier = ledger_frontier(state).await?;
             let mut rebuilt = tally_events::quota::QuotaState::default();
             let rows = bootstrap(state, frontier, &mut rebuilt).await?;
@@ -186,6 +187,23 @@ async fn follow(state: &AppState, resume_after: &mut Option<u64>) -> Result<(), 
         }
     }
     Err("tail ended".into())
+}
+
+/// Events a previous run spooled (`--fail-open`) must reach the stream before the state is
+/// rebuilt from it, or admissions would be decided without them.
+async fn wait_for_spool_backlog(state: &AppState) {
+    let Some(spool) = state.spool() else { return };
+    let mut logged = false;
+    while !spool.backlog_drained() {
+        if !logged {
+            tracing::warn!(
+                pending = spool.pending(),
+                "waiting for events spooled by an earlier run to be published"
+            );
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Publish `reservation.expired` for every reservation past its TTL. Every instance does this;

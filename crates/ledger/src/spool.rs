@@ -63,6 +63,8 @@ struct Inner {
     /// client's reconnect buffer with publishes that would time out.
     nats: async_nats::Client,
     pending: AtomicU64,
+    /// Events left by an earlier run when the spool was opened.
+    backlog_at_open: u64,
     appended: AtomicU64,
     published: AtomicU64,
     wake: tokio::sync::Notify,
@@ -129,6 +131,7 @@ impl Spool {
             publisher,
             nats,
             pending: AtomicU64::new(pending),
+            backlog_at_open: pending,
             appended: AtomicU64::new(0),
             published: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
@@ -138,6 +141,12 @@ impl Spool {
     /// Events spooled and not yet acknowledged by JetStream.
     pub fn pending(&self) -> u64 {
         self.0.pending.load(Ordering::Acquire)
+    }
+
+    /// True once the events an earlier run left in the spool are published. Until then the
+    /// stream lacks them, and a quota state folded from it would admit past limits.
+    pub fn backlog_drained(&self) -> bool {
+        self.published_total() >= self.0.backlog_at_open
     }
 
     /// Events appended by this process.
