@@ -87,6 +87,15 @@ pub struct CommonArgs {
         hide_env_values = true
     )]
     pub api_tokens: String,
+    /// A subject nobody configured (no PUT /v1/subjects, no policy, no credits): admit it (no
+    /// policies apply) or refuse it with reason `unknown_subject`.
+    #[arg(
+        long,
+        env = "TALLY_UNKNOWN_SUBJECTS",
+        value_enum,
+        default_value = "admit"
+    )]
+    pub unknown_subjects: UnknownSubjectsArg,
     /// When NATS cannot take an event, admit anyway: count locally and spool the events durably
     /// (fsync) under --spool-dir until NATS is back (SPEC §4). Default: fail closed (503).
     #[arg(long, env = "TALLY_FAIL_OPEN")]
@@ -97,6 +106,24 @@ pub struct CommonArgs {
     /// Serve without authentication (development only).
     #[arg(long)]
     pub insecure_no_auth: bool,
+}
+
+/// `--unknown-subjects`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnknownSubjectsArg {
+    /// Admitted; no policies apply.
+    Admit,
+    /// Refused with reason `unknown_subject`.
+    Reject,
+}
+
+impl From<UnknownSubjectsArg> for tally_events::quota::UnknownSubjects {
+    fn from(a: UnknownSubjectsArg) -> Self {
+        match a {
+            UnknownSubjectsArg::Admit => Self::Admit,
+            UnknownSubjectsArg::Reject => Self::Reject,
+        }
+    }
 }
 
 /// `tally up` settings.

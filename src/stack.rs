@@ -177,6 +177,7 @@ pub fn api_state(
         reservation_ttl: common.reservation_ttl,
         max_backfill: common.max_backfill,
         max_clock_skew: common.max_clock_skew,
+        unknown_subjects: common.unknown_subjects.into(),
     };
     let publisher = Publisher::new(c.js.clone(), c.stream.clone());
     let spool = if common.fail_open {

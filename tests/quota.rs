@@ -970,3 +970,57 @@ async fn stream_quota(stack: &Stack) -> ((i64, i64), (i64, i64)) {
     };
     (pick("s-tokens"), pick("s-requests"))
 }
+
+/// SPEC §4.7 / §9: with `--unknown-subjects reject` a subject nobody configured is refused with
+/// `unknown_subject` (and the refusal is recorded); once it is configured, as a subject or through
+/// a policy on it, it is decided as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_subjects_rejected_when_configured_so() {
+    let env = TestEnv::new(&["--unknown-subjects", "reject"]).await;
+    let stack = Stack::start(&env).await;
+    let admit = |rid: &'static str, subject: &'static str| {
+        let stack = &stack;
+        async move {
+            let (st, d) = stack
+                .post("/v1/admit", json!({"request_id": rid, "subject": subject}))
+                .await;
+            assert_eq!(st, 200, "{d}");
+            d
+        }
+    };
+    let d = admit("u1", "key:nobody").await;
+    assert_eq!(
+        (d["admitted"].as_bool(), d["reason"].as_str()),
+        (Some(false), Some("unknown_subject")),
+        "{d}"
+    );
+    let (st, b) = stack
+        .admin("PUT", "/v1/subjects/key:known", Some(json!({})))
+        .await;
+    assert_eq!(st, 200, "{b}");
+    let d = admit("u2", "key:known").await;
+    assert_eq!(d["admitted"], true, "{d}");
+    let (st, b) = stack
+        .admin(
+            "PUT",
+            "/v1/policies/p-pol",
+            Some(json!({"subject": "key:with-policy", "metric": "requests", "limit": 5, "window": {"kind": "lifetime"}})),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    let d = admit("u3", "key:with-policy").await;
+    assert_eq!(d["admitted"], true, "{d}");
+    env.eventually("the refusal recorded", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM ledger WHERE request_id = 'u1' AND event_type = 'admission.decided' \
+             AND payload->'data'->>'reason' = 'unknown_subject'",
+        )
+        .fetch_one(env.pool())
+        .await
+        .unwrap()
+            == 1
+    })
+    .await;
+    stack.stop().await;
+    env.cleanup().await;
+}

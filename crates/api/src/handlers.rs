@@ -199,13 +199,16 @@ pub async fn admit(
     }
     let (env, alerts) = {
         let mut q = state.quota();
-        let d = q.decide(&tally_events::quota::AdmitRequest {
-            leaf: &leaf,
-            model: body.model.as_deref(),
-            estimate,
-            credits,
-            at,
-        });
+        let d = q.decide_with(
+            &tally_events::quota::AdmitRequest {
+                leaf: &leaf,
+                model: body.model.as_deref(),
+                estimate,
+                credits,
+                at,
+            },
+            state.0.config.unknown_subjects,
+        );
         let env = Envelope::with_id(at, Some(body.request_id.clone()), Some(leaf), |id| {
             EventData::AdmissionDecided(AdmissionDecided {
                 admission_id: id,

@@ -38,6 +38,8 @@ pub struct ApiConfig {
     pub max_backfill: Duration,
     /// How far in the future `at` may be.
     pub max_clock_skew: Duration,
+    /// Whether a leaf nobody configured is admitted or refused.
+    pub unknown_subjects: tally_events::quota::UnknownSubjects,
 }
 
 impl Default for ApiConfig {
@@ -46,6 +48,7 @@ impl Default for ApiConfig {
             reservation_ttl: Duration::from_secs(15 * 60),
             max_backfill: Duration::from_secs(35 * 24 * 3600),
             max_clock_skew: Duration::from_secs(5 * 60),
+            unknown_subjects: Default::default(),
         }
     }
 }

@@ -25,6 +25,16 @@ pub struct AdmitRequest<'a> {
     pub at: DateTime<Utc>,
 }
 
+/// What to do with a subject nobody configured (`--unknown-subjects`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnknownSubjects {
+    /// No policies apply, so it is admitted (the default).
+    #[default]
+    Admit,
+    /// Refused with `unknown_subject`.
+    Reject,
+}
+
 /// The decision, with everything the admission event freezes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
@@ -214,6 +224,38 @@ impl QuotaState {
 
     /// Decide an admission.
     pub fn decide(&self, req: &AdmitRequest<'_>) -> Decision {
+        self.decide_with(req, UnknownSubjects::Admit)
+    }
+
+    /// Whether anyone configured `s`: an upserted subject, a policy on it, or a credit balance.
+    pub fn is_known(&self, s: &Subject) -> bool {
+        self.config.subject(s).is_some()
+            || self.config.policies_of(s).next().is_some()
+            || self.credits.contains_key(s)
+    }
+
+    /// [`Self::decide`], refusing a leaf nobody configured when `unknown` says so (SPEC §4.7):
+    /// such a request is refused with `unknown_subject`, reserves nothing, and is still recorded.
+    pub fn decide_with(&self, req: &AdmitRequest<'_>, unknown: UnknownSubjects) -> Decision {
+        if unknown == UnknownSubjects::Reject && !self.is_known(req.leaf) {
+            return Decision {
+                admitted: false,
+                reason: Some(Reason::UnknownSubject),
+                retry_after_seconds: None,
+                model_group: self.resolve(req.leaf, req.model).model_group,
+                chain: vec![req.leaf.clone()],
+                counted_in_key_global: true,
+                counted_in_user_global: true,
+                estimate: req.estimate,
+                checks: Vec::new(),
+                alerts: Vec::new(),
+                disabled: false,
+            };
+        }
+        self.decide_admitted(req)
+    }
+
+    fn decide_admitted(&self, req: &AdmitRequest<'_>) -> Decision {
         let r = self.resolve(req.leaf, req.model);
         let (chain, model_group) = (r.chain, r.model_group);
         let key_axis = chain.first().filter(|s| s.kind() == "key").cloned();
@@ -365,5 +407,54 @@ impl QuotaState {
         if !d.admitted {
             d.alerts.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Envelope, EventData, SubjectUpserted};
+
+    fn ask(leaf: &Subject) -> AdmitRequest<'_> {
+        AdmitRequest {
+            leaf,
+            model: None,
+            estimate: Usage {
+                requests: 1,
+                ..Usage::default()
+            },
+            credits: None,
+            at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn unknown_subjects_are_refused_only_when_asked() {
+        let mut q = QuotaState::default();
+        let key = Subject::parse("key:k1").unwrap();
+        let d = q.decide_with(&ask(&key), UnknownSubjects::Admit);
+        assert!(d.admitted, "admitted by default: no policies apply");
+        let d = q.decide_with(&ask(&key), UnknownSubjects::Reject);
+        assert_eq!(
+            (d.admitted, d.reason),
+            (false, Some(Reason::UnknownSubject))
+        );
+        assert!(d.checks.is_empty());
+        let upsert = Envelope::new(
+            EventData::SubjectUpserted(SubjectUpserted {
+                parent: None,
+                groups: vec![],
+                disabled: false,
+            }),
+            chrono::Utc::now(),
+            None,
+            Some(key.clone()),
+        );
+        q.apply(&upsert);
+        assert!(q.is_known(&key));
+        let d = q.decide_with(&ask(&key), UnknownSubjects::Reject);
+        assert!(d.admitted, "configured: decided as usual");
+        let other = Subject::parse("key:k2").unwrap();
+        assert!(!q.is_known(&other));
     }
 }

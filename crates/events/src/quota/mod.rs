@@ -13,5 +13,5 @@ pub use config::{
     Config, MAX_CHAIN_DEPTH, MAX_GROUPS_PER_SUBJECT, MAX_MODELS_PER_GROUP, PolicyConf, SubjectConf,
 };
 pub use credits::{Account, last_refill_at, next_refill_after};
-pub use decide::{AdmitRequest, Decision, Resolved};
+pub use decide::{AdmitRequest, Decision, Resolved, UnknownSubjects};
 pub use state::{CREDITS_CHECK, MAX_OPEN_REQUESTS, PoolKey, QuotaState, Reset, SliceKey};
