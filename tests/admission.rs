@@ -337,3 +337,76 @@ async fn admission_is_idempotent_across_an_api_restart() {
     second.stop().await;
     env.cleanup().await;
 }
+
+/// The lifetime-cost check of `key:rel`: (used, reserved).
+async fn pool(stack: &Stack) -> (i64, i64) {
+    let (_, q) = stack.get("/v1/quota?subject=key:rel").await;
+    let c = &q["checks"][0];
+    (c["used"].as_i64().unwrap(), c["reserved"].as_i64().unwrap())
+}
+
+/// Issue 3, reservation lifecycle: a release (and `success: false` with zero usage) refunds the
+/// reservation in the pool; a settlement without an admission is direct usage and counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_refunds_and_direct_settlements_count() {
+    let env = TestEnv::new(&[]).await;
+    let stack = Stack::start(&env).await;
+    let (st, b) = stack
+        .admin(
+            "PUT",
+            "/v1/policies/small",
+            Some(json!({"subject": "key:rel", "metric": "cost", "limit": 1000, "window": {"kind": "lifetime"}})),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    let admit = |rid: &'static str| {
+        let stack = &stack;
+        async move {
+            let (st, d) = stack
+                .post(
+                    "/v1/admit",
+                    json!({"request_id": rid, "subject": "key:rel", "estimate": {"cost": 600}}),
+                )
+                .await;
+            assert_eq!(st, 200, "{d}");
+            d["admitted"].as_bool().unwrap()
+        }
+    };
+    assert!(admit("r1").await);
+    assert!(!admit("r2").await, "600 held + 600 > 1000");
+    assert_eq!(pool(&stack).await, (0, 600));
+    let (st, b) = stack.post("/v1/release", json!({"request_id": "r1"})).await;
+    assert_eq!(st, 202, "{b}");
+    assert_eq!(
+        pool(&stack).await,
+        (0, 0),
+        "the release refunds the reservation"
+    );
+    assert!(admit("r3").await);
+    let (st, b) = stack
+        .post(
+            "/v1/settle",
+            json!({"request_id": "r3", "success": false, "usage": {}}),
+        )
+        .await;
+    assert_eq!(st, 202, "{b}");
+    assert_eq!(
+        pool(&stack).await,
+        (0, 0),
+        "success=false with zero usage refunds too"
+    );
+    let (st, b) = stack
+        .post(
+            "/v1/settle",
+            json!({"request_id": "direct-1", "subject": "key:rel", "usage": {"cost": 350}}),
+        )
+        .await;
+    assert_eq!(st, 202, "{b}");
+    assert_eq!(pool(&stack).await, (350, 0), "direct usage counts");
+    assert!(admit("r4").await, "350 + 600 <= 1000");
+    assert!(!admit("r5").await, "350 + 600 + 600 > 1000");
+    let (_, r) = stack.get("/v1/requests/r1").await;
+    assert_eq!(r["state"], "released", "{r}");
+    stack.stop().await;
+    env.cleanup().await;
+}
