@@ -436,6 +436,14 @@ async fn spooled_events_survive_an_api_restart() {
         let (st, d) = admit(&stack, &format!("spooled-{i}")).await;
         assert_eq!((st, d["admitted"].as_bool()), (200, Some(true)), "{d}");
     }
+    let (st, b) = stack
+        .admin("PUT", "/v1/subjects/key:late", Some(json!({})))
+        .await;
+    assert_eq!(
+        (st, b["reason"].as_str()),
+        (503, Some("unavailable")),
+        "configuration changes are never spooled: {b}"
+    );
     let (_, ready) = stack.get("/readyz").await;
     println!("readyz while spooling: {ready}");
     assert_eq!(ready["checks"]["spool_pending_events"], 20, "{ready}");

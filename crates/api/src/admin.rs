@@ -61,9 +61,10 @@ fn group_name(field: &str, g: &str) -> Result<(), ApiError> {
 
 impl AppState {
     /// Publish a configuration event and apply it here. Serialized by the admin lock so the
-    /// validation a handler did still holds when the event is applied.
+    /// validation a handler did still holds when the event is applied. Never spooled, even with
+    /// `--fail-open`: every instance must see a configuration change.
     async fn write_config(&self, env: Envelope) -> Result<(), ApiError> {
-        self.publish(&env).await?;
+        self.publish_direct(&env).await?;
         self.quota().apply(&env);
         Ok(())
     }

@@ -112,6 +112,14 @@ impl AppState {
                 ApiError::from(e)
             });
         }
+        self.publish_direct(env).await
+    }
+
+    /// Publish and await the ack, never spooling: fail-closed. Admin writes always take this
+    /// path, since a configuration change held in one instance's spool would leave the instances
+    /// deciding under different rules for the whole outage.
+    pub(crate) async fn publish_direct(&self, env: &Envelope) -> Result<(), ApiError> {
+        let connected = self.0.nats.connection_state() == async_nats::connection::State::Connected;
         // While the connection is down the client would buffer the message and send it after
         // reconnecting, possibly after we answered 503: refuse at once instead, so an event we
         // reported as not recorded does not appear later.
