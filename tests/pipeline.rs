@@ -324,3 +324,41 @@ async fn malformed_messages_are_dead_lettered_and_the_pipeline_continues() {
     stack.stop().await;
     env.cleanup().await;
 }
+
+/// The conditional publish behind admin writes: JetStream refuses a config event when another
+/// landed on its subject after the sequence the writer validated against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_config_publish_detects_a_concurrent_writer() {
+    let env = TestEnv::new(&[]).await;
+    let publisher = tally_ledger::Publisher::new(env.conns.js.clone(), env.conns.stream.clone());
+    let upsert = |parent: Option<&str>| {
+        Envelope::new(
+            EventData::SubjectUpserted(tally_events::SubjectUpserted {
+                parent: parent.map(|p| Subject::parse(p).unwrap()),
+                groups: vec![],
+                disabled: false,
+            }),
+            chrono::Utc::now(),
+            None,
+            Some(Subject::parse("team:t").unwrap()),
+        )
+    };
+    let first = upsert(None);
+    let subject = env.conns.stream.subject_for(&first);
+    assert_eq!(publisher.last_sequence_on(&subject).await.unwrap(), 0);
+    let s1 = publisher.publish_if_last(&first, 0).await.unwrap();
+    assert_eq!(publisher.last_sequence_on(&subject).await.unwrap(), s1);
+    let stale = publisher
+        .publish_if_last(&upsert(Some("customer:c")), 0)
+        .await;
+    assert!(
+        matches!(stale, Err(tally_ledger::Error::ConcurrentWrite { .. })),
+        "{stale:?}"
+    );
+    let s2 = publisher
+        .publish_if_last(&upsert(Some("customer:c")), s1)
+        .await
+        .unwrap();
+    assert!(s2 > s1);
+    env.cleanup().await;
+}

@@ -1024,3 +1024,61 @@ async fn unknown_subjects_rejected_when_configured_so() {
     stack.stop().await;
     env.cleanup().await;
 }
+
+async fn put(s: &Stack, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    s.admin("PUT", path, Some(body)).await
+}
+
+/// Admin writes racing across instances. B's stream tail is stopped, so B has not seen A's
+/// writes: the widest race window there is. B's writes that conflict with A's (the same model into
+/// a second group; the other half of a cycle) are refused with 409 instead of both landing; a
+/// write on a config subject nobody touched meanwhile still goes through on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_admin_writes_on_two_instances_conflict() {
+    let env = TestEnv::new(&[]).await;
+    let a = Stack::start(&env).await;
+    let b = Stack::start(&env).await;
+    b.tail.abort();
+    let (st, r) = put(&a, "/v1/model-groups/g1", json!({"models": ["m1"]})).await;
+    assert_eq!(st, 200, "{r}");
+    let (st, r) = put(&b, "/v1/model-groups/g2", json!({"models": ["m1"]})).await;
+    println!("B's racing model-group write: {st} {r}");
+    assert_eq!(
+        (st, r["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{r}"
+    );
+    let (st, r) = put(&a, "/v1/subjects/team:x", json!({"parent": "team:y"})).await;
+    assert_eq!(st, 200, "{r}");
+    let (st, r) = put(&b, "/v1/subjects/team:y", json!({"parent": "team:x"})).await;
+    println!("B's racing half of a cycle: {st} {r}");
+    assert_eq!(st, 409, "{r}");
+    let (st, r) = put(
+        &b,
+        "/v1/policies/untouched",
+        json!({"subject": "key:z", "metric": "requests", "limit": 3, "window": {"kind": "lifetime"}}),
+    )
+    .await;
+    assert_eq!(st, 200, "a subject nobody raced on: {r}");
+    let (st, r) = put(&b, "/v1/policies/second", json!({"subject": "key:z", "metric": "requests", "limit": 4, "window": {"kind": "lifetime"}})).await;
+    assert_eq!(
+        st, 200,
+        "B's own earlier write does not block its next: {r}"
+    );
+    // What A (whose tail runs) ends with: m1 in g1 only, and no cycle.
+    let (_, q) = a.get("/v1/quota?subject=key:any&model=m1").await;
+    assert_eq!(q["model_group"], "g1", "{q}");
+    env.eventually("A's two config writes in the ledger", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM ledger WHERE event_type IN ('model_group.upserted', 'subject.upserted')",
+        )
+        .fetch_one(env.pool())
+        .await
+        .unwrap()
+            == 2
+    })
+    .await;
+    b.stop().await;
+    a.stop().await;
+    env.cleanup().await;
+}

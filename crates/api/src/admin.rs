@@ -3,6 +3,8 @@
 //! and applied to this instance's quota state before the answer, so the next admission here sees
 //! it at once and other instances within their tail lag.
 
+use std::sync::atomic::Ordering;
+
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -63,10 +65,35 @@ impl AppState {
     /// Publish a configuration event and apply it here. Serialized by the admin lock so the
     /// validation a handler did still holds when the event is applied. Never spooled, even with
     /// `--fail-open`: every instance must see a configuration change.
+    ///
+    /// Instances validate against their own folded state, so two of them could each accept half
+    /// of a conflict (the same model into two groups, the two halves of a cycle). The write is
+    /// therefore conditional: it goes ahead only if this instance has folded the last event on
+    /// its config subject, and JetStream refuses it if another lands there in between
+    /// (`Nats-Expected-Last-Subject-Sequence`). Either way the loser gets a 409 and writes nothing.
     async fn write_config(&self, env: Envelope) -> Result<(), ApiError> {
-        self.publish_direct(&env).await?;
+        let publisher = &self.0.publisher;
+        let subject = publisher.settings().subject_for(&env);
+        if self.0.nats.connection_state() != async_nats::connection::State::Connected {
+            return Err(ApiError::Unavailable("NATS is disconnected".into()));
+        }
+        let last = publisher.last_sequence_on(&subject).await?;
+        let own = self.own_config_seq().get(&subject).copied();
+        let folded = last <= self.0.tail_seq.load(Ordering::Acquire) || own == Some(last);
+        if !folded {
+            return Err(ApiError::Conflict {
+                field: None,
+                message: crate::error::CONCURRENT_CONFIG_WRITE.into(),
+            });
+        }
+        let seq = publisher.publish_if_last(&env, last).await?;
+        self.own_config_seq().insert(subject, seq);
         self.quota().apply(&env);
         Ok(())
+    }
+
+    fn own_config_seq(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
+        self.0.own_config_seq.lock().expect("config sequence lock")
     }
 }
 

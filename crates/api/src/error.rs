@@ -132,10 +132,18 @@ impl From<tally_ledger::Error> for ApiError {
             tally_ledger::Error::Publish(m)
             | tally_ledger::Error::JetStream(m)
             | tally_ledger::Error::Spool(m) => ApiError::Unavailable(m),
+            tally_ledger::Error::ConcurrentWrite { .. } => ApiError::Conflict {
+                field: None,
+                message: CONCURRENT_CONFIG_WRITE.into(),
+            },
             other => ApiError::Internal(other.to_string()),
         }
     }
 }
+
+/// The 409 message of an admin write that raced another instance's.
+pub const CONCURRENT_CONFIG_WRITE: &str = "the configuration changed on another instance while this \
+     write was being validated; nothing was written, retry";
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {

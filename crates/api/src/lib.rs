@@ -95,6 +95,11 @@ struct Inner {
     metrics: Metrics,
     workers: WorkerStats,
     tail_ready: AtomicBool,
+    /// The last stream sequence folded into the quota state (everything at or below it is in).
+    tail_seq: AtomicU64,
+    /// Per config subject, the sequence of this instance's own last write there (applied locally
+    /// at once, possibly before the tail reaches it). Guarded by `admin_lock`'s holder.
+    own_config_seq: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// `--fail-open`: where events go while NATS cannot take them.
     spool: Option<tally_ledger::Spool>,
     /// The quota fold: configuration, usage, reservations, credits. A std mutex, never held
@@ -130,6 +135,8 @@ impl AppState {
             metrics: Metrics::default(),
             workers,
             tail_ready: AtomicBool::new(false),
+            tail_seq: AtomicU64::new(0),
+            own_config_seq: Default::default(),
             spool,
             quota: std::sync::Mutex::new(Default::default()),
             admin_lock: tokio::sync::Mutex::new(()),

@@ -146,6 +146,7 @@ async fn follow(state: &AppState, resume_after: &mut Option<u64>) -> Result<(), 
             let rows = bootstrap(state, frontier, &mut rebuilt).await?;
             *state.quota() = rebuilt;
             *resume_after = Some(frontier - 1);
+            state.0.tail_seq.store(frontier - 1, Ordering::Release);
             tracing::info!(rows, frontier, "quota state rebuilt from the ledger");
             frontier
         }
@@ -181,6 +182,10 @@ async fn follow(state: &AppState, resume_after: &mut Option<u64>) -> Result<(), 
         }
         if let Ok(info) = m.info() {
             *resume_after = Some(info.stream_sequence);
+            state
+                .0
+                .tail_seq
+                .store(info.stream_sequence, Ordering::Release);
         }
         if m.info().map(|i| i.pending == 0).unwrap_or(false) {
             inner.tail_ready.store(true, Ordering::Relaxed);

@@ -26,6 +26,13 @@ pub enum Error {
     /// Applying migrations failed.
     #[error("migration failed: {0}")]
     Migrate(String),
+    /// A conditional publish lost the race: another writer published on `subject` after the
+    /// sequence this one was validated against.
+    #[error("{subject} changed concurrently")]
+    ConcurrentWrite {
+        /// The subject both wrote to.
+        subject: String,
+    },
     /// The fail-open spool could not take or give back an event (disk full, I/O error, spool
     /// at its size cap, unreadable cursor).
     #[error("spool: {0}")]

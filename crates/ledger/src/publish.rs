@@ -84,6 +84,55 @@ impl Publisher {
 }
 
 impl Publisher {
+    /// The stream sequence of the last message on `subject`; 0 when the stream holds none (never
+    /// written, or aged out).
+    pub async fn last_sequence_on(&self, subject: &str) -> Result<u64, Error> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind as Kind;
+        let stream = self
+            .js
+            .get_stream_no_info(&self.settings.name)
+            .await
+            .map_err(|e| Error::JetStream(e.to_string()))?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == Kind::NoMessageFound => Ok(0),
+            Err(e) => Err(Error::JetStream(e.to_string())),
+        }
+    }
+
+    /// Publish `env` only if the last message on its subject is still the one at `expected`
+    /// (0: none): JetStream's optimistic concurrency (`Nats-Expected-Last-Subject-Sequence`).
+    /// Returns the new sequence, or [`Error::ConcurrentWrite`] when another writer got there first.
+    #[tracing::instrument(skip_all, fields(event_id = %env.id, expected))]
+    pub async fn publish_if_last(&self, env: &Envelope, expected: u64) -> Result<u64, Error> {
+        use async_nats::jetstream::context::PublishErrorKind as Kind;
+        env.validate()?;
+        let subject = self.settings.subject_for(env);
+        let _permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|e| Error::Publish(e.to_string()))?;
+        let publish = Publish::build()
+            .message_id(env.id.to_string())
+            .expected_last_subject_sequence(expected)
+            .payload(env.encode().into());
+        let ack = tokio::time::timeout(PUBLISH_ACK_TIMEOUT, async {
+            let fut = self
+                .js
+                .send_publish(subject.clone(), publish)
+                .await
+                .map_err(|e| Error::Publish(e.to_string()))?;
+            fut.await.map_err(|e| match e.kind() {
+                Kind::WrongLastSequence => Error::ConcurrentWrite { subject },
+                _ => Error::Publish(e.to_string()),
+            })
+        })
+        .await
+        .map_err(|_| Error::Publish(format!("no ack within {PUBLISH_ACK_TIMEOUT:?}")))??;
+        Ok(ack.sequence)
+    }
+
     /// Publish `(subject, msg_id, payload)` records in order, pipelined on the one connection (so
     /// the server stores them in the order given), then await the acks in order. Returns how many
     /// leading records are acknowledged; on error also how many were before the failure (the
