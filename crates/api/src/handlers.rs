@@ -205,6 +205,9 @@ pub async fn admit(
         state.metrics().replayed.fetch_add(1, Ordering::Relaxed);
         return Ok(Json(admission_body(&view, true)).into_response());
     }
+    if let Some(env) = state.take_in_doubt(&body.request_id) {
+        return state.resend_in_doubt(env, &mut view).await;
+    }
     let (env, alerts) = {
         let mut q = state.quota();
         let d = q.decide_with(
@@ -238,6 +241,7 @@ pub async fn admit(
     };
     if let Err(e) = state.publish(&env).await {
         state.quota().forget(&body.request_id);
+        state.keep_in_doubt(env);
         return Err(unavailable_admission(e, &body.request_id));
     }
     view.apply(&env);
@@ -252,7 +256,52 @@ pub async fn admit(
     Ok(Json(admission_body(&view, false)).into_response())
 }
 
+/// Most admissions kept in doubt at once: an outage with many clients retrying; beyond it a
+/// retry decides afresh (the earlier behaviour) rather than letting memory grow without bound.
+pub const MAX_IN_DOUBT: usize = 100_000;
+
 impl AppState {
+    /// Remember an admission whose publish failed: it may still land (see `in_doubt`).
+    fn keep_in_doubt(&self, env: Envelope) {
+        let Some(rid) = env.request_id.clone() else {
+            return;
+        };
+        let mut m = self.0.in_doubt.lock().expect("in-doubt lock");
+        if m.len() < MAX_IN_DOUBT {
+            m.insert(rid, (std::time::Instant::now(), env));
+        }
+    }
+
+    fn take_in_doubt(&self, request_id: &str) -> Option<Envelope> {
+        let mut m = self.0.in_doubt.lock().expect("in-doubt lock");
+        m.remove(request_id).map(|(_, env)| env)
+    }
+
+    /// Drop in-doubt admissions older than `horizon` (their reservations would have expired).
+    pub fn sweep_in_doubt(&self, horizon: std::time::Duration) {
+        let mut m = self.0.in_doubt.lock().expect("in-doubt lock");
+        m.retain(|_, (at, _)| at.elapsed() < horizon);
+    }
+
+    /// A retry of an admission whose first publish was in doubt: publish the same event again
+    /// (deduplicated if the first copy landed) and answer with its decision.
+    async fn resend_in_doubt(
+        &self,
+        env: Envelope,
+        view: &mut RequestView,
+    ) -> Result<Response, ApiError> {
+        let rid = env.request_id.clone().unwrap_or_default();
+        self.quota().apply(&env);
+        if let Err(e) = self.publish(&env).await {
+            self.quota().forget(&rid);
+            self.keep_in_doubt(env);
+            return Err(unavailable_admission(e, &rid));
+        }
+        view.apply(&env);
+        self.metrics().replayed.fetch_add(1, Ordering::Relaxed);
+        Ok(Json(admission_body(view, true)).into_response())
+    }
+
     /// Publish `threshold.crossed` for each first crossing. The event id is derived from the
     /// pool and window, so instances that race on the same crossing publish one event (JetStream
     /// de-duplicates on the id, the ledger on its key). Best effort: a failure is logged, the

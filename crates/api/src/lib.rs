@@ -100,6 +100,12 @@ struct Inner {
     /// Per config subject, the sequence of this instance's own last write there (applied locally
     /// at once, possibly before the tail reaches it). Guarded by `admin_lock`'s holder.
     own_config_seq: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Admissions whose publish failed after it may have reached the server (the connection
+    /// dropped before the ack): a retry of the request re-sends this same event (same id, so the
+    /// stream and ledger keep one) instead of deciding afresh and leaving two admissions.
+    in_doubt: std::sync::Mutex<
+        std::collections::HashMap<String, (std::time::Instant, tally_events::Envelope)>,
+    >,
     /// `--fail-open`: where events go while NATS cannot take them.
     spool: Option<tally_ledger::Spool>,
     /// The quota fold: configuration, usage, reservations, credits. A std mutex, never held
@@ -137,6 +143,7 @@ impl AppState {
             tail_ready: AtomicBool::new(false),
             tail_seq: AtomicU64::new(0),
             own_config_seq: Default::default(),
+            in_doubt: Default::default(),
             spool,
             quota: std::sync::Mutex::new(Default::default()),
             admin_lock: tokio::sync::Mutex::new(()),

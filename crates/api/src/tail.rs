@@ -47,6 +47,7 @@ pub async fn run(state: AppState) {
             }
             _ = sweep.tick() => {
                 state.requests().sweep();
+                state.sweep_in_doubt(state.0.config.reservation_ttl);
                 let ttl = chrono::Duration::from_std(state.0.config.reservation_ttl)
                     .unwrap_or(chrono::Duration::MAX);
                 state.quota().prune(chrono::Utc::now() - ttl * 2);
