@@ -187,6 +187,16 @@ impl Drop for Drill {
 
 const DRILL_CLIENTS: usize = 8;
 
+/// A test env on the drill's NATS with `--fail-open` and a private spool directory.
+async fn fail_open_env(drill: &Drill) -> (TestEnv, std::path::PathBuf) {
+    let spool_dir =
+        std::env::temp_dir().join(format!("tally-spool-{}", uuid::Uuid::new_v4().simple()));
+    let spool_arg = spool_dir.to_str().unwrap().to_owned();
+    let env =
+        TestEnv::new_with_nats(&drill.url(), &["--fail-open", "--spool-dir", &spool_arg]).await;
+    (env, spool_dir)
+}
+
 /// Load for a second, NATS killed for `down`, restarted, load until admissions have run for a
 /// second again. Returns every outcome and the kill/restart instants.
 async fn load_through_outage(
@@ -312,11 +322,7 @@ async fn nats_killed_under_load_fails_closed_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_killed_under_load_fails_open_and_spools_exactly_once() {
     let mut drill = Drill::start();
-    let spool_dir =
-        std::env::temp_dir().join(format!("tally-spool-{}", uuid::Uuid::new_v4().simple()));
-    let spool_arg = spool_dir.to_str().unwrap().to_owned();
-    let env =
-        TestEnv::new_with_nats(&drill.url(), &["--fail-open", "--spool-dir", &spool_arg]).await;
+    let (env, spool_dir) = fail_open_env(&drill).await;
     let stack = Arc::new(Stack::start(&env).await);
     let (outcomes, killed, restarted) =
         load_through_outage(&stack, &mut drill, Duration::from_secs(2)).await;
@@ -434,11 +440,7 @@ async fn stack_stop(stack: Arc<Stack>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spooled_events_survive_an_api_restart() {
     let mut drill = Drill::start();
-    let spool_dir =
-        std::env::temp_dir().join(format!("tally-spool-{}", uuid::Uuid::new_v4().simple()));
-    let spool_arg = spool_dir.to_str().unwrap().to_owned();
-    let env =
-        TestEnv::new_with_nats(&drill.url(), &["--fail-open", "--spool-dir", &spool_arg]).await;
+    let (env, spool_dir) = fail_open_env(&drill).await;
     let stack = Stack::start(&env).await;
     drill.kill();
     for i in 0..20 {

@@ -96,12 +96,7 @@ impl Spool {
             ))
         })?;
         let path = dir.join(LOG);
-        let mut log = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| io("opening", &path, e))?;
+        let mut log = open_log(&path)?;
         let mut bytes = Vec::new();
         log.seek(SeekFrom::Start(0))
             .and_then(|_| log.read_to_end(&mut bytes))
@@ -353,6 +348,21 @@ fn write_cursor(dir: &Path, offset: u64) -> Result<(), Error> {
         .and_then(|_| f.sync_all())
         .map_err(|e| io("writing", &tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| io("renaming", &path, e))?;
+    sync_dir(dir)
+}
+
+/// The log, opened for reading and appending (created when missing).
+fn open_log(path: &Path) -> Result<File, Error> {
+    OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| io("opening", path, e))
+}
+
+/// Make renames and creations in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), Error> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io("syncing", dir, e))
@@ -368,15 +378,8 @@ fn rotate(dir: &Path, f: &mut Files) -> Result<(), Error> {
         chrono::Utc::now().timestamp_millis()
     ));
     std::fs::rename(&log, &kept).map_err(|e| io("renaming", &log, e))?;
-    f.log = OpenOptions::new()
-        .create(true)
-        .read(true)
-        .append(true)
-        .open(&log)
-        .map_err(|e| io("creating", &log, e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("syncing", dir, e))?;
+    f.log = open_log(&log)?;
+    sync_dir(dir)?;
     f.len = 0;
     f.cursor = 0;
     write_cursor(dir, 0)?;
