@@ -241,7 +241,9 @@ pub async fn admit(
     };
     if let Err(e) = state.publish(&env).await {
         state.quota().forget(&body.request_id);
-        state.keep_in_doubt(env);
+        if matches!(e, ApiError::Unavailable(_)) {
+            state.keep_in_doubt(env);
+        }
         return Err(unavailable_admission(e, &body.request_id));
     }
     view.apply(&env);
@@ -294,7 +296,9 @@ impl AppState {
         self.quota().apply(&env);
         if let Err(e) = self.publish(&env).await {
             self.quota().forget(&rid);
-            self.keep_in_doubt(env);
+            if matches!(e, ApiError::Unavailable(_)) {
+                self.keep_in_doubt(env);
+            }
             return Err(unavailable_admission(e, &rid));
         }
         view.apply(&env);
