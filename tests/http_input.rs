@@ -60,6 +60,18 @@ async fn bad_input_is_refused_naming_the_field() {
     );
     let (s, _) = call(&app, "POST", "/v1/admit", Some("wrong"), admit(|_| {})).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // An API token is valid but may not write configuration.
+    let policy = serde_json::to_vec(
+        &serde_json::json!({"subject": "key:k", "metric": "requests",
+        "limit": 1, "window": {"kind": "lifetime"}}),
+    )
+    .unwrap();
+    let (s, b) = call(&app, "PUT", "/v1/policies/p", Some(API), policy).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden")),
+        "{b}"
+    );
 
     // (body, expected status, expected field)
     let far_future = (chrono::Utc::now() + chrono::TimeDelta::hours(1)).to_rfc3339();
