@@ -86,20 +86,22 @@ pub struct Percentiles {
 impl Percentiles {
     fn of(mut samples: Vec<u64>) -> Percentiles {
         samples.sort_unstable();
-        let at = |q: f64| -> u64 {
-            if samples.is_empty() {
-                return 0;
-            }
-            let i = ((samples.len() as f64) * q).ceil() as usize;
-            samples[i.clamp(1, samples.len()) - 1]
-        };
         Percentiles {
-            p50_us: at(0.50),
-            p99_us: at(0.99),
-            p999_us: at(0.999),
-            max_us: at(1.0),
+            p50_us: nearest_rank(&samples, 0.50),
+            p99_us: nearest_rank(&samples, 0.99),
+            p999_us: nearest_rank(&samples, 0.999),
+            max_us: nearest_rank(&samples, 1.0),
         }
     }
+}
+
+/// The nearest-rank `q` quantile of sorted `samples` (the default value when there are none).
+fn nearest_rank<T: Copy + Default>(sorted: &[T], q: f64) -> T {
+    if sorted.is_empty() {
+        return T::default();
+    }
+    let i = ((sorted.len() as f64) * q).ceil() as usize;
+    sorted[i.clamp(1, sorted.len()) - 1]
 }
 
 /// The raw limits measured in this run.
@@ -649,17 +651,10 @@ async fn sample_projection_lag(pool: &PgPool, stop: Instant) -> Vec<f64> {
 
 fn lag_of(mut samples: Vec<f64>) -> LagMs {
     samples.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        if samples.is_empty() {
-            return 0.0;
-        }
-        let i = ((samples.len() as f64) * q).ceil() as usize;
-        samples[i.clamp(1, samples.len()) - 1]
-    };
     LagMs {
-        p50: at(0.5),
-        p99: at(0.99),
-        max: at(1.0),
+        p50: nearest_rank(&samples, 0.5),
+        p99: nearest_rank(&samples, 0.99),
+        max: nearest_rank(&samples, 1.0),
     }
 }
 

@@ -8,15 +8,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Stack, TestEnv, load};
+use common::{Stack, TestEnv, free_port, load};
 use serde_json::json;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+/// How many of the event ids `ids` the ledger holds.
+async fn ledger_rows_with_ids(env: &TestEnv, ids: &[String]) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM ledger WHERE event_id::text = ANY($1)")
+        .bind(ids)
+        .fetch_one(env.pool())
+        .await
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn nats_server(port: u16, dir: &std::path::Path) -> Child {
@@ -368,12 +369,7 @@ async fn nats_killed_under_load_fails_open_and_spools_exactly_once() {
     }
     spooled.extend(tally_ledger::spool::ids_in(&spool_dir.join("spool.log")).unwrap());
     let unique: std::collections::HashSet<&String> = spooled.iter().collect();
-    let in_ledger: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM ledger WHERE event_id::text = ANY($1)")
-            .bind(&spooled)
-            .fetch_one(env.pool())
-            .await
-            .unwrap();
+    let in_ledger = ledger_rows_with_ids(&env, &spooled).await;
     println!(
         "spooled {} events ({} distinct); {in_ledger} of them in the ledger; ledger rows {}",
         spooled.len(),
@@ -476,12 +472,7 @@ async fn spooled_events_survive_an_api_restart() {
         env.ledger_count().await >= 20
     })
     .await;
-    let in_ledger: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM ledger WHERE event_id::text = ANY($1)")
-            .bind(&spooled)
-            .fetch_one(env.pool())
-            .await
-            .unwrap();
+    let in_ledger = ledger_rows_with_ids(&env, &spooled).await;
     assert_eq!(
         in_ledger, 20,
         "every spooled event published after the restart"

@@ -1,22 +1,17 @@
 //! `tally up` starts from nothing, on free ports, with private NATS and Postgres under a private
 //! data directory, answers `/readyz`, and stops what it started on SIGTERM.
 
+mod common;
+
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::free_port;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 /// Private Postgres needs initdb (several seconds on a slow disk) before it can answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_starts_private_services_and_becomes_ready() {

@@ -22,6 +22,15 @@ pub const API: &str = "test-api-token";
 /// only a real failure hits it.
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }

@@ -363,25 +363,35 @@ pub async fn delete_policy(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    remove_by_id(
+        &state,
+        "policy",
+        id,
+        |q, id| q.config.policy(id).map(|p| p.data.subject.clone()),
+        EventData::PolicyDeleted,
+    )
+    .await
+}
+
+/// Delete a policy or revoke a grant: 404 naming `id` when it names none, else `event` on the
+/// subject it belonged to. The lookup happens under the admin lock, like every validation.
+async fn remove_by_id(
+    state: &AppState,
+    what: &str,
+    id: String,
+    subject_of: impl FnOnce(&tally_events::quota::QuotaState, &str) -> Option<Subject>,
+    event: fn(IdOnly) -> EventData,
+) -> Result<Response, ApiError> {
     id_param("id", &id)?;
     let _admin = state.0.admin_lock.lock().await;
-    let subject = state
-        .quota()
-        .config
-        .policy(&id)
-        .map(|p| p.data.subject.clone());
+    let subject = subject_of(&state.quota(), &id);
     let Some(subject) = subject else {
         return Err(ApiError::NotFound {
-            what: format!("policy `{id}`"),
+            what: format!("{what} `{id}`"),
             field: Some("id".into()),
         });
     };
-    let env = Envelope::new(
-        EventData::PolicyDeleted(IdOnly { id }),
-        Utc::now(),
-        None,
-        Some(subject),
-    );
+    let env = Envelope::new(event(IdOnly { id }), Utc::now(), None, Some(subject));
     state.write_config(env).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -499,23 +509,14 @@ pub async fn delete_grant(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    id_param("id", &id)?;
-    let _admin = state.0.admin_lock.lock().await;
-    let subject = state.quota().config.grant(&id).map(|g| g.subject.clone());
-    let Some(subject) = subject else {
-        return Err(ApiError::NotFound {
-            what: format!("grant `{id}`"),
-            field: Some("id".into()),
-        });
-    };
-    let env = Envelope::new(
-        EventData::GrantRevoked(IdOnly { id }),
-        Utc::now(),
-        None,
-        Some(subject),
-    );
-    state.write_config(env).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    remove_by_id(
+        &state,
+        "grant",
+        id,
+        |q, id| q.config.grant(id).map(|g| g.subject.clone()),
+        EventData::GrantRevoked,
+    )
+    .await
 }
 
 /// `POST /v1/credits/{subject}` body.
