@@ -41,6 +41,10 @@ pub struct CommonArgs {
     /// Address the API listens on.
     #[arg(long, env = "TALLY_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
+    /// How long a client may take to send a request's headers; also how long an idle
+    /// keep-alive connection is kept open.
+    #[arg(long, env = "TALLY_HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
     /// NATS server URL.
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
@@ -103,9 +107,50 @@ pub struct CommonArgs {
     /// The fail-open spool's directory (one per API instance; locked while in use).
     #[arg(long, env = "TALLY_SPOOL_DIR", default_value = "./.tally/spool")]
     pub spool_dir: PathBuf,
+    /// The quota projection writes a snapshot of the quota state after this many events (0: no
+    /// snapshots; every start then rebuilds from the first ledger row) …
+    #[arg(long, env = "TALLY_SNAPSHOT_EVERY", default_value_t = 100_000)]
+    pub snapshot_every: u64,
+    /// … or after this long, whichever comes first.
+    #[arg(long, env = "TALLY_SNAPSHOT_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub snapshot_interval: Duration,
+    /// Projections this process runs (`tally up`, `tally project`), comma-separated names from
+    /// the registry; a projection not yet built is built from the first ledger row first.
+    #[arg(long, env = "TALLY_PROJECTIONS", default_value = "usage,quota,daily_usage", value_parser = parse_projections)]
+    pub projections: Projections,
+    /// Days of the daily-usage report (`/v1/reports/daily-usage`) are in this IANA time zone.
+    #[arg(long, env = "TALLY_REPORT_TIMEZONE", default_value = "UTC", value_parser = parse_time_zone)]
+    pub report_timezone: chrono_tz::Tz,
     /// Serve without authentication (development only).
     #[arg(long)]
     pub insecure_no_auth: bool,
+}
+
+/// `--projections`: registered names, each at most once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Projections(pub Vec<&'static str>);
+
+/// Parse `--projections`.
+pub fn parse_projections(text: &str) -> Result<Projections, String> {
+    let mut out: Vec<&'static str> = Vec::new();
+    for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let entry = tally_projector::registry::find(name).ok_or_else(|| {
+            format!(
+                "unknown projection `{name}`; registered: {}",
+                tally_projector::registry::names()
+            )
+        })?;
+        if !out.contains(&entry.name) {
+            out.push(entry.name);
+        }
+    }
+    Ok(Projections(out))
+}
+
+/// Parse `--report-timezone`.
+pub fn parse_time_zone(text: &str) -> Result<chrono_tz::Tz, String> {
+    text.parse::<chrono_tz::Tz>()
+        .map_err(|_| format!("`{text}` is not an IANA time zone like UTC or Europe/Berlin"))
 }
 
 /// `--unknown-subjects`.
@@ -175,6 +220,20 @@ mod tests {
         assert!(parse_duration("15").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("1.5h").is_err());
+    }
+
+    #[test]
+    fn projections_and_zones() {
+        let p = parse_projections("usage, daily_usage,usage").expect("registered names");
+        assert_eq!(p.0, vec!["usage", "daily_usage"]);
+        let e = parse_projections("usage,nope").expect_err("unknown name");
+        assert!(e.contains("`nope`") && e.contains("quota"), "{e}");
+        assert_eq!(parse_projections("").expect("none").0.len(), 0);
+        assert_eq!(
+            parse_time_zone("Asia/Shanghai"),
+            Ok(chrono_tz::Asia::Shanghai)
+        );
+        assert!(parse_time_zone("Mars/Olympus").is_err());
     }
 
     #[test]

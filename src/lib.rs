@@ -3,5 +3,6 @@
 
 pub mod bench;
 pub mod cli;
+pub mod history;
 pub mod services;
 pub mod stack;

@@ -17,6 +17,9 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Fail points are compiled only into test builds (feature `failpoints`); a test configures
+    // them through this variable.
+    let _failpoints = std::env::var_os("FAILPOINTS").map(|_| fail::FailScenario::setup());
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -68,10 +71,10 @@ async fn api(c: CommonArgs) -> anyhow::Result<()> {
     let (nats, db) = urls(&c)?;
     let conns = stack::connect(&c, &nats, &db).await?;
     let shutdown = Shutdown::default();
-    let (state, _tail) = stack::api_state(&conns, &c, tokens, WorkerStats::default())?;
+    let (state, tasks) = stack::api_state(&conns, &c, tokens, WorkerStats::default(), &shutdown)?;
     let (addr, handle) = stack::spawn_api(c.http_addr, state, &shutdown).await?;
     tracing::info!(%addr, "API listening");
-    supervise(vec![handle], shutdown).await
+    supervise(vec![handle, tasks], shutdown).await
 }
 
 async fn ledger(c: CommonArgs) -> anyhow::Result<()> {
@@ -86,7 +89,7 @@ async fn project(c: CommonArgs) -> anyhow::Result<()> {
     let (nats, db) = urls(&c)?;
     let conns = stack::connect(&c, &nats, &db).await?;
     let shutdown = Shutdown::default();
-    let (_, handles) = stack::spawn_projectors(&conns, &shutdown);
+    let (_, handles) = stack::spawn_projectors(&conns, &c, &shutdown);
     supervise(handles, shutdown).await
 }
 
@@ -145,10 +148,11 @@ async fn up_with(c: &CommonArgs, nats: &str, db: &str) -> anyhow::Result<()> {
     let conns = stack::connect(c, nats, db).await?;
     let shutdown = Shutdown::default();
     let (ledger_stats, ledger) = stack::spawn_ledger(&conns, &shutdown);
-    let (mut workers, mut handles) = stack::spawn_projectors(&conns, &shutdown);
+    let (mut workers, mut handles) = stack::spawn_projectors(&conns, c, &shutdown);
     workers.ledger = Some(ledger_stats);
     handles.push(ledger);
-    let (state, _tail) = stack::api_state(&conns, c, tokens.clone(), workers)?;
+    let (state, tasks) = stack::api_state(&conns, c, tokens.clone(), workers, &shutdown)?;
+    handles.push(tasks);
     let (addr, api) = stack::spawn_api(c.http_addr, state, &shutdown).await?;
     handles.push(api);
     println!("tally up: API http://{addr}");

@@ -11,7 +11,8 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tally_api::{ApiConfig, AppState, Tokens, WorkerStats};
 use tally_ledger::{LedgerWriter, Publisher, StreamSettings, WriterSettings};
-use tally_projector::{Projector, UsageProjection};
+use tally_projector::registry::{self, Context};
+use tally_projector::{Projector, QuotaSettings};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -111,6 +112,11 @@ impl Shutdown {
         self.0.send_replace(true);
     }
 
+    /// A receiver that turns true once [`Shutdown::trigger`] was called.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.0.subscribe()
+    }
+
     /// Resolves once [`Shutdown::trigger`] was called.
     pub fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.0.subscribe();
@@ -142,42 +148,77 @@ pub fn spawn_ledger(
     )
 }
 
-/// Start every registered projection.
+/// The quota projection's settings (snapshots, compaction) from the command line.
+pub fn quota_settings(c: &Connections, common: &CommonArgs) -> QuotaSettings {
+    QuotaSettings {
+        stream: c.stream.name.clone(),
+        snapshot_every_events: common.snapshot_every,
+        snapshot_interval: common.snapshot_interval,
+        max_backfill: common.max_backfill,
+        reservation_ttl: common.reservation_ttl,
+    }
+}
+
+/// What the registry builds projections from.
+pub fn projection_context(c: &Connections, common: &CommonArgs, rebuilding: bool) -> Context {
+    Context {
+        pool: c.pool.clone(),
+        quota: quota_settings(c, common),
+        report_tz: common.report_timezone,
+        rebuilding,
+    }
+}
+
+/// Start the projections `--projections` names (each builds its tables first if they are
+/// missing or of another version).
 pub fn spawn_projectors(
     c: &Connections,
+    common: &CommonArgs,
     shutdown: &Shutdown,
 ) -> (WorkerStats, Vec<JoinHandle<anyhow::Result<()>>>) {
-    let projections: Vec<Arc<dyn tally_projector::Projection>> = vec![
-        Arc::new(UsageProjection),
-        Arc::new(tally_projector::QuotaProjection::default()),
-    ];
+    let live = projection_context(c, common, false);
+    let fresh = projection_context(c, common, true);
     let mut stats = WorkerStats::default();
     let mut handles = Vec::new();
-    for p in projections {
-        let name = p.name();
-        let projector = Projector::new(c.pool.clone(), p);
-        stats.projectors.push((name, projector.stats()));
+    for name in &common.projections.0 {
+        let Some(entry) = registry::find(name) else {
+            continue; // parse_projections only lets registered names through
+        };
+        let projector = Projector::new(c.pool.clone(), (entry.make)(&live));
+        stats
+            .projectors
+            .push((entry.name, entry.order, projector.stats()));
         let stop = shutdown.wait();
+        let ctx = fresh.clone();
+        let make = entry.make;
+        let fresh: tally_projector::runner::Fresh = Arc::new(move || make(&ctx));
         handles.push(tokio::spawn(async move {
-            projector.run(stop).await.map_err(Into::into)
+            projector.run(fresh, stop).await.map_err(Into::into)
         }));
     }
     (stats, handles)
 }
 
-/// Build the API state and start its stream tail (and, with `--fail-open`, the spool drainer).
-/// Fails when the spool cannot be opened (unwritable, or in use by another instance).
+/// Build the API state and start its supervised background tasks (stream tail, expiries,
+/// sweeps, compaction and, with `--fail-open`, the spool drainer). The handle ends with an error
+/// as soon as any of them dies. Fails when the spool cannot be opened (unwritable, or in use by
+/// another instance).
 pub fn api_state(
     c: &Connections,
     common: &CommonArgs,
     tokens: Tokens,
     workers: WorkerStats,
-) -> anyhow::Result<(AppState, JoinHandle<()>)> {
+    shutdown: &Shutdown,
+) -> anyhow::Result<(AppState, JoinHandle<anyhow::Result<()>>)> {
     let config = ApiConfig {
         reservation_ttl: common.reservation_ttl,
         max_backfill: common.max_backfill,
         max_clock_skew: common.max_clock_skew,
+        report_tz: common.report_timezone,
         unknown_subjects: common.unknown_subjects.into(),
+        server: tally_api::server::ServerLimits {
+            header_read_timeout: common.http_header_timeout,
+        },
     };
     let publisher = Publisher::new(c.js.clone(), c.stream.clone());
     let spool = if common.fail_open {
@@ -194,16 +235,10 @@ pub fn api_state(
         tokens,
         config,
         workers,
-        spool.clone(),
+        spool,
     );
-    let tail = tally_api::tail::run(state.clone());
-    let handle = tokio::spawn(async move {
-        match spool {
-            // Both end when the task is aborted.
-            Some(spool) => drop(tokio::join!(tail, spool.drain(std::future::pending()))),
-            None => tail.await,
-        }
-    });
+    let tasks = tally_api::tasks::spawn(state.clone(), shutdown.subscribe());
+    let handle = tokio::spawn(async move { Ok(tasks.await??) });
     Ok((state, handle))
 }
 
@@ -218,8 +253,9 @@ pub async fn spawn_api(
         .with_context(|| format!("binding {addr}"))?;
     let bound = listener.local_addr()?;
     let stop = shutdown.wait();
+    let limits = state.server_limits();
     let handle = tokio::spawn(async move {
-        tally_api::serve(listener, tally_api::app(state), stop)
+        tally_api::serve(listener, tally_api::app(state), limits, stop)
             .await
             .map_err(Into::into)
     });

@@ -48,8 +48,15 @@ fn admit(patch: impl FnOnce(&mut Value)) -> Vec<u8> {
 async fn bad_input_is_refused_naming_the_field() {
     let env = TestEnv::new(&[]).await;
     let tokens = tally_api::Tokens::from_lists(common::ADMIN, API);
-    let (state, tail) =
-        tally::stack::api_state(&env.conns, &env.common, tokens, Default::default()).unwrap();
+    let shutdown = tally::stack::Shutdown::default();
+    let (state, tasks) = tally::stack::api_state(
+        &env.conns,
+        &env.common,
+        tokens,
+        Default::default(),
+        &shutdown,
+    )
+    .unwrap();
     let app = tally_api::app(state);
 
     // Auth.
@@ -254,6 +261,7 @@ async fn bad_input_is_refused_naming_the_field() {
     );
     assert_eq!(env.ledger_count().await, 0);
 
-    tail.abort();
+    shutdown.trigger();
+    let _ = tasks.await;
     env.cleanup().await;
 }

@@ -157,13 +157,12 @@ async fn check_totals(env: &TestEnv, stack: &Stack, outcomes: &[load::Outcome], 
     let live = live_quota(stack, subject).await;
     let replay = replayed_quota(env, subject).await;
     env.eventually("the projections catch up", || async {
-        let lag: i64 = sqlx::query_scalar(
-            "SELECT (SELECT max(pos) FROM ledger) - min(last_pos) FROM projection_checkpoints",
-        )
-        .fetch_one(env.pool())
-        .await
-        .unwrap();
-        lag == 0
+        let mut caught_up = true;
+        for e in tally_projector::registry::REGISTRY {
+            let lag = tally_projector::runner::lag_rows(env.pool(), e.name, e.order).await;
+            caught_up &= matches!(lag, Ok(Some(0)));
+        }
+        caught_up
     })
     .await;
     let projected: i64 = sqlx::query_scalar(

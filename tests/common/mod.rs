@@ -179,7 +179,8 @@ pub struct Stack {
     pub addr: SocketAddr,
     pub shutdown: Shutdown,
     pub handles: Vec<JoinHandle<anyhow::Result<()>>>,
-    pub tail: JoinHandle<()>,
+    /// The API's supervised background tasks (stream tail, expiry, sweep, compaction).
+    pub tasks: JoinHandle<anyhow::Result<()>>,
     pub http: reqwest::Client,
 }
 
@@ -190,15 +191,25 @@ impl Stack {
 
     /// `with_ledger = false` runs the API and projectors only (the test runs its own writer).
     pub async fn start_with(env: &TestEnv, with_ledger: bool) -> Stack {
+        Self::start_opts(env, with_ledger, true).await
+    }
+
+    /// The API, with or without the ledger writer and the projectors in this process.
+    pub async fn start_opts(env: &TestEnv, with_ledger: bool, with_projectors: bool) -> Stack {
         let shutdown = Shutdown::default();
-        let (mut workers, mut handles) = stack::spawn_projectors(&env.conns, &shutdown);
+        let (mut workers, mut handles) = if with_projectors {
+            stack::spawn_projectors(&env.conns, &env.common, &shutdown)
+        } else {
+            Default::default()
+        };
         if with_ledger {
             let (stats, h) = stack::spawn_ledger(&env.conns, &shutdown);
             workers.ledger = Some(stats);
             handles.push(h);
         }
         let tokens = tally_api::Tokens::from_lists(ADMIN, API);
-        let (state, tail) = stack::api_state(&env.conns, &env.common, tokens, workers).unwrap();
+        let (state, tasks) =
+            stack::api_state(&env.conns, &env.common, tokens, workers, &shutdown).unwrap();
         let (addr, api) = stack::spawn_api("127.0.0.1:0".parse().unwrap(), state, &shutdown)
             .await
             .unwrap();
@@ -207,7 +218,7 @@ impl Stack {
             addr,
             shutdown,
             handles,
-            tail,
+            tasks,
             http: reqwest::Client::new(),
         };
         stack.wait_ready().await;
@@ -216,6 +227,18 @@ impl Stack {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `/readyz`'s body.
+    pub async fn readyz(&self) -> serde_json::Value {
+        self.http
+            .get(self.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or_default()
     }
 
     pub async fn wait_ready(&self) {
@@ -286,7 +309,7 @@ impl Stack {
 
     pub async fn stop(self) {
         self.shutdown.trigger();
-        self.tail.abort();
+        let _ = self.tasks.await;
         for h in self.handles {
             let _ = h.await;
         }

@@ -38,6 +38,12 @@ pub enum ApiError {
         /// Why.
         message: String,
     },
+    /// 405: the route exists, the method does not.
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    /// 408: the client did not send its body in time.
+    #[error("the request body did not arrive in time")]
+    Timeout,
     /// 413: body over the limit.
     #[error("request body exceeds {limit} bytes")]
     PayloadTooLarge {
@@ -47,6 +53,9 @@ pub enum ApiError {
     /// 503: a dependency is unreachable; the write did not happen.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// 503 with `Retry-After`: what was asked is read from a projection still being built.
+    #[error("the `{0}` projection is being built from the ledger; retry shortly")]
+    Building(&'static str),
     /// 500: a bug or an unexpected dependency failure; details are logged.
     #[error("internal error")]
     Internal(String),
@@ -69,10 +78,13 @@ impl ApiError {
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Timeout => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ApiError::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Building(_) => (StatusCode::SERVICE_UNAVAILABLE, "building"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -112,7 +124,21 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(detail) => tracing::warn!(%detail, "dependency unavailable"),
             _ => {}
         }
-        (status, Json(self.body())).into_response()
+        let mut response = (status, Json(self.body())).into_response();
+        if matches!(self, ApiError::Building(_)) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(BUILDING_RETRY_AFTER_SECONDS),
+            );
+        }
+        if matches!(self, ApiError::Unauthorized) {
+            // RFC 6750 §3: a 401 names the scheme it wants.
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 
@@ -136,10 +162,14 @@ impl From<tally_ledger::Error> for ApiError {
                 field: None,
                 message: CONCURRENT_CONFIG_WRITE.into(),
             },
+            tally_ledger::Error::Database(e) => e.into(),
             other => ApiError::Internal(other.to_string()),
         }
     }
 }
+
+/// `Retry-After` of a read from a projection still being built.
+pub const BUILDING_RETRY_AFTER_SECONDS: u16 = 5;
 
 /// The 409 message of an admin write that raced another instance's.
 pub const CONCURRENT_CONFIG_WRITE: &str = "the configuration changed on another instance while this \
@@ -163,6 +193,11 @@ impl From<tally_projector::Error> for ApiError {
                 ApiError::invalid(field, message)
             }
             tally_projector::Error::Database(e) => e.into(),
+            tally_projector::Error::Building(what) => ApiError::Building(what),
+            tally_projector::Error::Busy(message) => ApiError::Conflict {
+                field: None,
+                message,
+            },
             other => ApiError::Internal(other.to_string()),
         }
     }

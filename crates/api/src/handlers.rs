@@ -1,18 +1,24 @@
-//! Data-plane handlers: admit, settle, release, usage and request reads.
+//! Data-plane writes: admit, settle, release. Each decides on the live quota state, makes its
+//! event durable (`durable.rs`) and only then answers. A request this instance does not hold in
+//! memory (it was admitted before a restart, or long ago) is recalled from the ledger, so
+//! idempotency and late settlements work whatever the request's age (SPEC v2 §5).
 
 use std::sync::atomic::Ordering;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
+use tally_events::quota::{AdmitRequest, Resolved};
+use tally_events::rules::MAX_CHECKS;
 use tally_events::*;
 
 use crate::AppState;
-use crate::body::{JsonBody, Params};
+use crate::body::JsonBody;
+use crate::durable::unavailable_admission;
 use crate::error::ApiError;
 
 /// `estimate` / `usage` objects of the API: every amount optional.
@@ -52,11 +58,11 @@ pub struct AdmitIn {
     at: Option<DateTime<Utc>>,
 }
 
-fn subject_field(field: &str, text: &str) -> Result<Subject, ApiError> {
+pub(crate) fn subject_field(field: &str, text: &str) -> Result<Subject, ApiError> {
     Subject::parse(text).map_err(|m| ApiError::invalid(field, m))
 }
 
-fn name_field(field: &str, value: Option<&str>) -> Result<(), ApiError> {
+pub(crate) fn name_field(field: &str, value: Option<&str>) -> Result<(), ApiError> {
     value
         .map_or(Ok(()), |v| validate_name(field, v))
         .map_err(Into::into)
@@ -71,7 +77,10 @@ impl AppState {
         let backfill =
             chrono::Duration::from_std(cfg.max_backfill).unwrap_or(chrono::Duration::MAX);
         let skew = chrono::Duration::from_std(cfg.max_clock_skew).unwrap_or(chrono::Duration::MAX);
-        if at < now - backfill {
+        if now
+            .checked_sub_signed(backfill)
+            .is_some_and(|floor| at < floor)
+        {
             return Err(ApiError::invalid(
                 "at",
                 format!(
@@ -80,7 +89,7 @@ impl AppState {
                 ),
             ));
         }
-        if at > now + skew {
+        if now.checked_add_signed(skew).is_some_and(|ceil| at > ceil) {
             return Err(ApiError::invalid(
                 "at",
                 format!(
@@ -89,71 +98,8 @@ impl AppState {
                 ),
             ));
         }
+        tally_events::rules::validate_instant("at", at)?;
         Ok(at)
-    }
-
-    /// Make `env` durable before the caller answers: published to JetStream with its ack, or,
-    /// with `--fail-open`, fsynced to the local spool while NATS cannot take it (and while older
-    /// spooled events still wait, so order holds). Fail-closed otherwise.
-    pub(crate) async fn publish(&self, env: &Envelope) -> Result<(), ApiError> {
-        let connected = self.0.nats.connection_state() == async_nats::connection::State::Connected;
-        if let Some(spool) = &self.0.spool {
-            if connected && spool.pending() == 0 {
-                match self.publish_while_connected(env).await {
-                    Ok(_) => return Ok(()),
-                    Err(tally_ledger::Error::InvalidEvent(e)) => return Err(e.into()),
-                    // The ack may still have been lost after the server stored it; the spooled
-                    // copy then carries the same id and is deduplicated.
-                    Err(e) => tracing::warn!(error = %e, "publish failed; spooling"),
-                }
-            }
-            return spool.append(env).await.map_err(|e| {
-                self.metrics().unavailable.fetch_add(1, Ordering::Relaxed);
-                ApiError::from(e)
-            });
-        }
-        self.publish_direct(env).await
-    }
-
-    /// Publish and await the ack, never spooling: fail-closed. Admin writes always take this
-    /// path, since a configuration change held in one instance's spool would leave the instances
-    /// deciding under different rules for the whole outage.
-    pub(crate) async fn publish_direct(&self, env: &Envelope) -> Result<(), ApiError> {
-        let connected = self.0.nats.connection_state() == async_nats::connection::State::Connected;
-        // While the connection is down the client would buffer the message and send it after
-        // reconnecting, possibly after we answered 503: refuse at once instead, so an event we
-        // reported as not recorded does not appear later.
-        if !connected {
-            self.metrics().unavailable.fetch_add(1, Ordering::Relaxed);
-            return Err(ApiError::Unavailable("NATS is disconnected".into()));
-        }
-        self.publish_while_connected(env).await.map_err(|e| {
-            self.metrics().unavailable.fetch_add(1, Ordering::Relaxed);
-            ApiError::from(e)
-        })
-    }
-
-    /// Publish and await the ack, but stop waiting as soon as the connection drops: the client
-    /// would otherwise hold the caller for the whole ack timeout. The message may still reach the
-    /// stream after the reconnect; the answer then says 503 for an event that landed, and a retry
-    /// with the same request id returns what was recorded (a spooled copy has the same id and is
-    /// deduplicated).
-    async fn publish_while_connected(&self, env: &Envelope) -> Result<(), tally_ledger::Error> {
-        let nats = &self.0.nats;
-        let dropped = async {
-            loop {
-                tokio::time::sleep(CONNECTION_POLL).await;
-                if nats.connection_state() != async_nats::connection::State::Connected {
-                    return;
-                }
-            }
-        };
-        tokio::select! {
-            r = self.0.publisher.publish(env) => r.map(drop),
-            _ = dropped => Err(tally_ledger::Error::Publish(
-                "NATS disconnected before the ack arrived".into(),
-            )),
-        }
     }
 
     fn slot(&self, request_id: &str) -> Result<crate::table::Slot, ApiError> {
@@ -161,15 +107,46 @@ impl AppState {
             .slot(request_id)
             .ok_or_else(|| ApiError::Unavailable("request table full".into()))
     }
+
+    /// Fold the request's ledger rows into `view` (a request admitted before a restart, or one
+    /// that left memory long ago). Postgres unreachable is a 503: deciding without knowing
+    /// whether the request was admitted could count it twice or as direct usage.
+    async fn recall(&self, request_id: &str, view: &mut RequestView) -> Result<(), ApiError> {
+        let events = tally_ledger::reader::request_events(&self.0.db, request_id).await?;
+        for env in &events {
+            view.apply(env);
+        }
+        Ok(())
+    }
+
+    /// `as_of` of an answer (SPEC v2 §6): the last stream event this instance folded and how far
+    /// it trailed the stream's head.
+    pub(crate) fn as_of(&self) -> serde_json::Value {
+        json!({
+            "stream_seq": self.0.tail_seq.load(Ordering::Acquire),
+            "lag_ms": self.0.tail_lag_ms.load(Ordering::Relaxed),
+        })
+    }
+
+    fn ready_to_decide(&self) -> Result<(), ApiError> {
+        if self.is_broken() {
+            return Err(ApiError::Unavailable(
+                "the quota state is broken; restart the instance".into(),
+            ));
+        }
+        if !self.0.tail_ready.load(Ordering::Relaxed) {
+            // Deciding on a state still being rebuilt would admit past limits.
+            return Err(ApiError::Unavailable("quota state is still loading".into()));
+        }
+        Ok(())
+    }
 }
 
-/// How often a publish awaiting its ack checks the connection: bounds how long a request waits
-/// after NATS went away (instead of the whole ack timeout).
-pub const CONNECTION_POLL: std::time::Duration = std::time::Duration::from_millis(10);
-
-fn admission_body(view: &RequestView, replayed: bool) -> serde_json::Value {
-    let a = view.admission.as_ref().expect("admission present");
-    json!({
+fn admission_body(state: &AppState, view: &RequestView, replayed: bool) -> Response {
+    let Some(a) = view.admission.as_ref() else {
+        return ApiError::Internal("admission missing from its view".into()).into_response();
+    };
+    Json(json!({
         "admitted": a.admitted,
         "request_id": view.request_id,
         "admission_id": a.admission_id,
@@ -179,7 +156,9 @@ fn admission_body(view: &RequestView, replayed: bool) -> serde_json::Value {
         "counted_in_user_global": a.counted_in_user_global,
         "replayed": replayed,
         "checks": a.checks,
-    })
+        "as_of": state.as_of(),
+    }))
+    .into_response()
 }
 
 /// `POST /v1/admit`: decide against the live quota state, reserve under the same lock, publish
@@ -195,31 +174,44 @@ pub async fn admit(
     let credits = body.estimate.credits;
     let estimate = body.estimate.into_usage(1, "estimate")?;
     let at = state.event_time(body.at)?;
-    if !state.0.tail_ready.load(Ordering::Relaxed) {
-        // Deciding on a state still being rebuilt would admit past limits.
-        return Err(ApiError::Unavailable("quota state is still loading".into()));
-    }
+    state.ready_to_decide()?;
     let slot = state.slot(&body.request_id)?;
     let mut view = slot.lock().await;
-    if view.admission.is_some() {
-        state.metrics().replayed.fetch_add(1, Ordering::Relaxed);
-        return Ok(Json(admission_body(&view, true)).into_response());
+    let now = Utc::now();
+    if view.admission.is_none() && state.quota().is_admitted(&body.request_id, now) {
+        state.recall(&body.request_id, &mut view).await?;
+    }
+    if let Some(a) = &view.admission {
+        let window = a.received_at.checked_add_signed(state.idempotency());
+        if window.is_some_and(|end| now < end) {
+            state.metrics().replayed.fetch_add(1, Ordering::Relaxed);
+            return Ok(admission_body(&state, &view, true));
+        }
+        // Past its idempotency window the id names a new request (SPEC §4.6).
+        *view = RequestView::new(body.request_id.clone()).with_idempotency(state.idempotency());
     }
     if let Some(env) = state.take_in_doubt(&body.request_id) {
         return state.resend_in_doubt(env, &mut view).await;
     }
     let (env, alerts) = {
         let mut q = state.quota();
-        let d = q.decide_with(
-            &tally_events::quota::AdmitRequest {
-                leaf: &leaf,
-                model: body.model.as_deref(),
-                estimate,
-                credits,
-                at,
-            },
-            state.0.config.unknown_subjects,
-        );
+        let req = AdmitRequest {
+            leaf: &leaf,
+            model: body.model.as_deref(),
+            estimate,
+            credits,
+            at,
+        };
+        let d = q.decide_with(&req, state.0.config.unknown_subjects);
+        if d.checks.len() > MAX_CHECKS {
+            return Err(ApiError::Conflict {
+                field: Some("subject".into()),
+                message: format!(
+                    "the configuration applies {} checks to this request, more than {MAX_CHECKS}",
+                    d.checks.len()
+                ),
+            });
+        }
         let env = Envelope::with_id(at, Some(body.request_id.clone()), Some(leaf), |id| {
             EventData::AdmissionDecided(AdmissionDecided {
                 admission_id: id,
@@ -255,36 +247,10 @@ pub async fn admit(
     };
     counter.fetch_add(1, Ordering::Relaxed);
     state.publish_alerts(alerts, at).await;
-    Ok(Json(admission_body(&view, false)).into_response())
+    Ok(admission_body(&state, &view, false))
 }
 
-/// Most admissions kept in doubt at once: an outage with many clients retrying; beyond it a
-/// retry decides afresh (the earlier behaviour) rather than letting memory grow without bound.
-pub const MAX_IN_DOUBT: usize = 100_000;
-
 impl AppState {
-    /// Remember an admission whose publish failed: it may still land (see `in_doubt`).
-    fn keep_in_doubt(&self, env: Envelope) {
-        let Some(rid) = env.request_id.clone() else {
-            return;
-        };
-        let mut m = self.0.in_doubt.lock().expect("in-doubt lock");
-        if m.len() < MAX_IN_DOUBT {
-            m.insert(rid, (std::time::Instant::now(), env));
-        }
-    }
-
-    fn take_in_doubt(&self, request_id: &str) -> Option<Envelope> {
-        let mut m = self.0.in_doubt.lock().expect("in-doubt lock");
-        m.remove(request_id).map(|(_, env)| env)
-    }
-
-    /// Drop in-doubt admissions older than `horizon` (their reservations would have expired).
-    pub fn sweep_in_doubt(&self, horizon: std::time::Duration) {
-        let mut m = self.0.in_doubt.lock().expect("in-doubt lock");
-        m.retain(|_, (at, _)| at.elapsed() < horizon);
-    }
-
     /// A retry of an admission whose first publish was in doubt: publish the same event again
     /// (deduplicated if the first copy landed) and answer with its decision.
     async fn resend_in_doubt(
@@ -303,60 +269,7 @@ impl AppState {
         }
         view.apply(&env);
         self.metrics().replayed.fetch_add(1, Ordering::Relaxed);
-        Ok(Json(admission_body(view, true)).into_response())
-    }
-
-    /// Publish `threshold.crossed` for each first crossing. The event id is derived from the
-    /// pool and window, so instances that race on the same crossing publish one event (JetStream
-    /// de-duplicates on the id, the ledger on its key). Best effort: a failure is logged, the
-    /// admission stands.
-    async fn publish_alerts(&self, alerts: Vec<ThresholdCrossed>, at: DateTime<Utc>) {
-        for a in alerts {
-            let key = format!(
-                "{}|{}|{:?}",
-                a.policy_id,
-                a.subject,
-                a.window.map(|w| w.start)
-            );
-            let mut env = Envelope::new(
-                EventData::ThresholdCrossed(a.clone()),
-                at,
-                None,
-                Some(a.subject.clone()),
-            );
-            env.id = derived_id(&key);
-            match self.publish(&env).await {
-                Ok(()) => self.quota().apply(&env),
-                Err(e) => {
-                    tracing::warn!(error = %e, policy_id = %a.policy_id, "threshold alert not published")
-                }
-            }
-        }
-    }
-}
-
-/// A stable event id for a fact several instances may publish at once (an alert, an expiry):
-/// UUID v8 from two FNV-1a hashes of `key`, so JetStream and the ledger keep one copy.
-pub(crate) fn derived_id(key: &str) -> uuid::Uuid {
-    let h = |seed: u64| {
-        key.bytes().fold(seed, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        })
-    };
-    let mut bytes = [0u8; 16];
-    bytes[..8].copy_from_slice(&h(0xcbf2_9ce4_8422_2325).to_be_bytes());
-    bytes[8..].copy_from_slice(&h(0x8422_2325_cbf2_9ce4).to_be_bytes());
-    uuid::Builder::from_custom_bytes(bytes).into_uuid()
-}
-
-/// SPEC §4.5: an admission that could not be recorded answers `503 {"reason":"unavailable"}`.
-fn unavailable_admission(e: ApiError, request_id: &str) -> ApiError {
-    match e {
-        ApiError::Unavailable(detail) => {
-            tracing::warn!(%detail, request_id, "admission not recorded");
-            ApiError::Unavailable(detail)
-        }
-        other => other,
+        Ok(admission_body(self, view, true))
     }
 }
 
@@ -378,7 +291,8 @@ pub struct SettleIn {
 }
 
 /// `POST /v1/settle`: replaces the reservation with actual usage (or adds a streaming chunk), or
-/// records direct usage when the request was never admitted.
+/// records direct usage when the request was never admitted. A request admitted long ago is
+/// matched through the ledger and counted in its admission's windows with its frozen flags.
 #[tracing::instrument(skip_all, fields(request_id = %body.request_id))]
 pub async fn settle(
     State(state): State<AppState>,
@@ -408,6 +322,9 @@ pub async fn settle(
         .unwrap_or_else(|| format!("{}:{seq}", body.request_id));
     let slot = state.slot(&body.request_id)?;
     let mut view = slot.lock().await;
+    if view.admission.is_none() {
+        state.recall(&body.request_id, &mut view).await?;
+    }
     let matched = view.admission.is_some();
     if view.has_settlement(&settlement_id) {
         state
@@ -416,10 +333,22 @@ pub async fn settle(
             .fetch_add(1, Ordering::Relaxed);
         return Ok(settle_accepted(&settlement_id, &body.request_id, matched));
     }
+    if view.settlements.len() >= MAX_SETTLEMENTS_PER_REQUEST {
+        return Err(ApiError::Conflict {
+            field: Some("request_id".into()),
+            message: format!(
+                "the request already has {MAX_SETTLEMENTS_PER_REQUEST} settlements, the most one request may have"
+            ),
+        });
+    }
     // A successful final settlement that does not name credits spends what the admission
     // reserved (less what earlier chunks spent): the reservation becomes the charge.
     if let (Some(a), false, true) = (&view.admission, credits_given, success && is_final) {
-        usage.credits = (a.estimate.credits - view.settled.credits).max(0);
+        usage.credits = a
+            .estimate
+            .credits
+            .saturating_sub(view.settled.credits)
+            .max(0);
     }
     let subject = subject.map(|s| {
         let resolved = state.quota().resolve(&s, body.model.as_deref());
@@ -434,6 +363,13 @@ pub async fn settle(
         (success, is_final, seq),
         at,
     )?;
+    let resolved = Resolved {
+        chain: data.chain.clone(),
+        model_group: data.model_group.clone(),
+        counted_in_key_global: data.counted_in_key_global,
+        counted_in_user_global: data.counted_in_user_global,
+    };
+    let window_at = data.window_at;
     let leaf = data.chain[0].clone();
     let env = Envelope::new(
         EventData::UsageSettled(data),
@@ -442,9 +378,14 @@ pub async fn settle(
         Some(leaf),
     );
     state.publish(&env).await?;
-    state.quota().apply(&env);
+    let alerts = {
+        let mut q = state.quota();
+        q.apply(&env);
+        q.alerts_due(&resolved, window_at)
+    };
     view.apply(&env);
     state.metrics().settlements.fetch_add(1, Ordering::Relaxed);
+    state.publish_alerts(alerts, at).await;
     Ok(settle_accepted(&settlement_id, &body.request_id, matched))
 }
 
@@ -455,7 +396,7 @@ fn settle_accepted(settlement_id: &str, request_id: &str, matched: bool) -> Resp
 
 fn settlement_data(
     view: &RequestView,
-    subject: Option<(Subject, tally_events::quota::Resolved)>,
+    subject: Option<(Subject, Resolved)>,
     model: Option<String>,
     settlement_id: String,
     usage: Usage,
@@ -487,12 +428,14 @@ fn settlement_data(
             }
             data.matched_admission = true;
             data.admission_id = Some(a.admission_id);
-            data.model = a.model.clone();
+            // The settlement's model is recorded for reports; pools and flags are the
+            // admission's (SPEC §5).
+            data.model = data.model.or_else(|| a.model.clone());
             data.model_group = a.model_group.clone();
             data.chain = a.chain.clone();
             data.counted_in_key_global = a.counted_in_key_global;
             data.counted_in_user_global = a.counted_in_user_global;
-            data.window_at = view.admitted_at.expect("admitted_at set with admission");
+            data.window_at = view.admitted_at.unwrap_or(at);
         }
         (None, Some((_, direct))) => {
             // Direct usage: chain, model group and flags as of its own time (SPEC §5).
@@ -518,7 +461,8 @@ pub struct ReleaseIn {
     request_id: String,
 }
 
-/// `POST /v1/release`: refund the reservation of an admitted, unsettled request. Idempotent.
+/// `POST /v1/release`: refund the reservation of an admitted, unsettled request. Idempotent: a
+/// release of a request already settled, released or expired changes nothing (202).
 #[tracing::instrument(skip_all, fields(request_id = %body.request_id))]
 pub async fn release(
     State(state): State<AppState>,
@@ -529,11 +473,11 @@ pub async fn release(
         what: "admission".into(),
         field: Some("request_id".into()),
     };
-    let slot = state
-        .requests()
-        .get(&body.request_id)
-        .ok_or_else(not_found)?;
+    let slot = state.slot(&body.request_id)?;
     let mut view = slot.lock().await;
+    if view.admission.is_none() {
+        state.recall(&body.request_id, &mut view).await?;
+    }
     let Some(admission) = &view.admission else {
         return Err(not_found());
     };
@@ -561,69 +505,4 @@ pub async fn release(
     view.apply(&env);
     state.metrics().releases.fetch_add(1, Ordering::Relaxed);
     Ok(accepted(true))
-}
-
-/// `GET /v1/usage?subject=&from=&to=&granularity=&model=`: settled usage per bucket.
-pub async fn usage(State(state): State<AppState>, params: Params) -> Result<Response, ApiError> {
-    let params = params.only(&["subject", "from", "to", "granularity", "model"])?;
-    let subject = subject_field("subject", params.required("subject")?)?;
-    name_field("model", params.get("model"))?;
-    let granularity = match params.get("granularity").unwrap_or("hour") {
-        "minute" => tally_projector::Granularity::Minute,
-        "hour" => tally_projector::Granularity::Hour,
-        "day" => tally_projector::Granularity::Day,
-        _ => {
-            return Err(ApiError::invalid(
-                "granularity",
-                "must be minute, hour or day",
-            ));
-        }
-    };
-    let to = params.time("to")?.unwrap_or_else(Utc::now);
-    let from = params
-        .time("from")?
-        .unwrap_or(to - chrono::Duration::days(1));
-    let series = tally_projector::usage_series(
-        &state.0.db,
-        subject.as_str(),
-        params.get("model"),
-        from,
-        to,
-        granularity,
-    )
-    .await?;
-    Ok(Json(series).into_response())
-}
-
-/// `GET /v1/requests/{request_id}`: the admission, its checks, its settlements and its state.
-/// Answered from the live table, or from the ledger once the request has left it.
-pub async fn request(
-    State(state): State<AppState>,
-    Path(request_id): Path<String>,
-) -> Result<Response, ApiError> {
-    validate_name("request_id", &request_id)?;
-    if let Some(slot) = state.requests().get(&request_id) {
-        let view = slot.lock().await.clone();
-        if view.admission.is_some() || !view.settlements.is_empty() {
-            return Ok(Json(view).into_response());
-        }
-    }
-    let payloads: Vec<(serde_json::Value,)> =
-        sqlx::query_as("SELECT payload FROM ledger WHERE request_id = $1 ORDER BY pos")
-            .bind(&request_id)
-            .fetch_all(&state.0.db)
-            .await?;
-    if payloads.is_empty() {
-        return Err(ApiError::NotFound {
-            what: format!("request `{request_id}`"),
-            field: Some("request_id".into()),
-        });
-    }
-    let mut view = RequestView::new(&request_id);
-    for (p,) in payloads {
-        let env = Envelope::decode(&serde_json::to_vec(&p).expect("json re-encodes"))
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        view.apply(&env);
-    }
-    Ok(Json(view).into_response())
 }

@@ -6,11 +6,16 @@
 mod admin;
 pub mod auth;
 pub mod body;
+mod durable;
 pub mod error;
 mod handlers;
 mod ops;
+mod reads;
+mod reports;
+pub mod server;
 pub mod table;
 pub mod tail;
+pub mod tasks;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -26,6 +31,12 @@ use tally_ledger::writer::WriterStats;
 use tally_projector::ProjectorStats;
 
 pub use auth::Tokens;
+
+/// Every request body type, for fuzzing the decoders (`tests/body_fuzz.rs`).
+pub mod bodies {
+    pub use crate::admin::{CreditsIn, GrantIn, ModelGroupIn, PolicyIn, ResetIn, SubjectIn};
+    pub use crate::handlers::{AdmitIn, ReleaseIn, SettleIn};
+}
 pub use error::ApiError;
 use table::RequestTable;
 
@@ -40,6 +51,10 @@ pub struct ApiConfig {
     pub max_clock_skew: Duration,
     /// Whether a leaf nobody configured is admitted or refused.
     pub unknown_subjects: tally_events::quota::UnknownSubjects,
+    /// HTTP time limits.
+    pub server: server::ServerLimits,
+    /// The time zone of the daily-usage report's days (what its projection is built for).
+    pub report_tz: chrono_tz::Tz,
 }
 
 impl Default for ApiConfig {
@@ -49,6 +64,8 @@ impl Default for ApiConfig {
             max_backfill: Duration::from_secs(35 * 24 * 3600),
             max_clock_skew: Duration::from_secs(5 * 60),
             unknown_subjects: Default::default(),
+            server: Default::default(),
+            report_tz: chrono_tz::UTC,
         }
     }
 }
@@ -81,8 +98,8 @@ pub struct Metrics {
 pub struct WorkerStats {
     /// The ledger writer's.
     pub ledger: Option<Arc<WriterStats>>,
-    /// The projectors', by name.
-    pub projectors: Vec<(&'static str, Arc<ProjectorStats>)>,
+    /// The projectors', by name, with the order their checkpoint counts in.
+    pub projectors: Vec<(&'static str, tally_projector::Order, Arc<ProjectorStats>)>,
 }
 
 struct Inner {
@@ -97,6 +114,15 @@ struct Inner {
     tail_ready: AtomicBool,
     /// The last stream sequence folded into the quota state (everything at or below it is in).
     tail_seq: AtomicU64,
+    /// How far the tail trailed the stream's head at its last message, in ms (0 when caught up).
+    tail_lag_ms: AtomicU64,
+    /// Set when the quota state can no longer be trusted (a panic while it was locked): the
+    /// instance stops deciding and reports itself not ready; the supervisor stops the process.
+    broken: AtomicBool,
+    /// How this instance started (snapshot, fallbacks, rebuild rate) for `/readyz`.
+    startup: std::sync::Mutex<tail::Startup>,
+    /// The background task that ended, if one did, and why.
+    failed_task: std::sync::Mutex<Option<(String, String)>>,
     /// Per config subject, the sequence of this instance's own last write there (applied locally
     /// at once, possibly before the tail reaches it). Guarded by `admin_lock`'s holder.
     own_config_seq: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -104,7 +130,7 @@ struct Inner {
     /// dropped before the ack): a retry of the request re-sends this same event (same id, so the
     /// stream and ledger keep one) instead of deciding afresh and leaving two admissions.
     in_doubt: std::sync::Mutex<
-        std::collections::HashMap<String, (std::time::Instant, tally_events::Envelope)>,
+        tally_events::quota::Bounded<String, (std::time::Instant, tally_events::Envelope)>,
     >,
     /// `--fail-open`: where events go while NATS cannot take them.
     spool: Option<tally_ledger::Spool>,
@@ -120,7 +146,7 @@ struct Inner {
 pub struct AppState(Arc<Inner>);
 
 impl AppState {
-    /// State over connected NATS and Postgres. Start [`tail::run`] beside it.
+    /// State over connected NATS and Postgres. Start its background work with [`tasks::spawn`].
     pub fn new(
         publisher: Publisher,
         nats: async_nats::Client,
@@ -131,6 +157,10 @@ impl AppState {
         spool: Option<tally_ledger::Spool>,
     ) -> Self {
         let requests = RequestTable::new(config.reservation_ttl);
+        let mut quota = tally_events::quota::QuotaState::default();
+        quota.set_idempotency(
+            chrono::Duration::from_std(config.reservation_ttl * 2).unwrap_or(chrono::Duration::MAX),
+        );
         AppState(Arc::new(Inner {
             publisher,
             nats,
@@ -142,10 +172,16 @@ impl AppState {
             workers,
             tail_ready: AtomicBool::new(false),
             tail_seq: AtomicU64::new(0),
+            tail_lag_ms: AtomicU64::new(0),
+            broken: AtomicBool::new(false),
+            startup: Default::default(),
+            failed_task: Default::default(),
             own_config_seq: Default::default(),
-            in_doubt: Default::default(),
+            in_doubt: std::sync::Mutex::new(tally_events::quota::Bounded::new(
+                durable::MAX_IN_DOUBT,
+            )),
             spool,
-            quota: std::sync::Mutex::new(Default::default()),
+            quota: std::sync::Mutex::new(quota),
             admin_lock: tokio::sync::Mutex::new(()),
         }))
     }
@@ -159,9 +195,45 @@ impl AppState {
         &self.0.requests
     }
 
-    /// The quota state (lock briefly; never across an await).
+    /// The quota state (lock briefly; never across an await). The fold does not panic (it is
+    /// property-tested with extreme amounts), but if anything ever did while holding the lock,
+    /// the state is marked broken instead of every later request panicking on the poisoned lock:
+    /// admissions answer 503 and `/readyz` fails until the process is restarted (and rebuilds).
     pub fn quota(&self) -> std::sync::MutexGuard<'_, tally_events::quota::QuotaState> {
-        self.0.quota.lock().expect("quota state lock")
+        self.0.quota.lock().unwrap_or_else(|poisoned| {
+            if !self
+                .0
+                .broken
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                tracing::error!(
+                    "the quota state lock was poisoned by a panic; this instance stops deciding"
+                );
+            }
+            poisoned.into_inner()
+        })
+    }
+
+    /// How long a request id names one request: twice the reservation TTL.
+    pub fn idempotency(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.0.config.reservation_ttl * 2)
+            .unwrap_or(chrono::Duration::MAX)
+    }
+
+    /// Whether the quota state was marked broken (see [`AppState::quota`]).
+    pub fn is_broken(&self) -> bool {
+        self.0.broken.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Mark the state broken (a supervised task died): stop deciding.
+    pub fn mark_broken(&self, why: &str) {
+        if !self
+            .0
+            .broken
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::error!(why, "this instance stops deciding admissions");
+        }
     }
 
     /// The fail-open spool, when `--fail-open` is on.
@@ -173,6 +245,26 @@ impl AppState {
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
     }
+
+    /// Record the background task that ended (for `/readyz`).
+    pub fn set_failed_task(&self, task: &str, reason: &str) {
+        *self.0.failed_task.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((task.to_owned(), reason.to_owned()));
+    }
+
+    /// The background task that ended, if one did, and why.
+    pub fn failed_task(&self) -> Option<(String, String)> {
+        self.0
+            .failed_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The HTTP limits this API was configured with.
+    pub fn server_limits(&self) -> server::ServerLimits {
+        self.0.config.server
+    }
 }
 
 /// The router: every route with its auth, the body limit and tracing.
@@ -181,14 +273,17 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/admit", post(handlers::admit))
         .route("/v1/settle", post(handlers::settle))
         .route("/v1/release", post(handlers::release))
-        .route("/v1/usage", get(handlers::usage))
-        .route("/v1/requests/{request_id}", get(handlers::request))
-        .route("/v1/quota", get(admin::quota))
+        .route("/v1/usage", get(reads::usage))
+        .route("/v1/requests/{request_id}", get(reads::request))
+        .route("/v1/quota", get(reads::quota))
+        .route("/v1/reports/daily-usage", get(reports::daily_usage))
         .route_layer(from_fn_with_state(state.clone(), auth::data_plane));
     let admin = Router::new()
         .route(
             "/v1/subjects/{subject}",
-            put(admin::put_subject).get(admin::get_subject),
+            put(admin::put_subject)
+                .get(admin::get_subject)
+                .delete(admin::delete_subject),
         )
         .route(
             "/v1/model-groups/{name}",
@@ -216,17 +311,19 @@ pub fn app(state: AppState) -> Router {
         .merge(admin)
         .merge(open)
         .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(server::limit_content_length))
         .with_state(state)
 }
 
-/// Serve `router` on `listener` until `shutdown` resolves (in-flight requests finish).
+/// Serve `router` on `listener` with `limits` until `shutdown` resolves (in-flight requests
+/// finish).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    limits: server::ServerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    server::serve(listener, router, limits, shutdown).await
 }

@@ -37,32 +37,52 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     .await;
     let pg_ok = matches!(pg, Ok(Ok(1)));
     let tail_ok = inner.tail_ready.load(Ordering::Relaxed);
+    let broken = state.is_broken();
     let mut lags = serde_json::Map::new();
     let mut lag_ok = true;
+    let mut building = false;
     if pg_ok {
-        for (name, _) in &inner.workers.projectors {
-            let lag = tally_projector::runner::lag_rows(&inner.db, name)
-                .await
-                .unwrap_or(i64::MAX);
-            lag_ok &= lag <= MAX_READY_PROJECTION_LAG_ROWS;
-            lags.insert((*name).to_owned(), lag.into());
+        for (name, order, _) in &inner.workers.projectors {
+            // No checkpoint yet: the projection is being built (attached or re-versioned);
+            // that degrades reads of it, not admissions.
+            let lag = tally_projector::runner::lag_rows(&inner.db, name, *order).await;
+            let value = match lag {
+                Ok(Some(rows)) => {
+                    lag_ok &= rows <= MAX_READY_PROJECTION_LAG_ROWS;
+                    json!(rows)
+                }
+                Ok(None) => {
+                    building = true;
+                    json!("building")
+                }
+                Err(_) => {
+                    lag_ok = false;
+                    json!("unknown")
+                }
+            };
+            lags.insert((*name).to_owned(), value);
         }
     }
     let spool = inner.spool.as_ref();
     let spooling = spool.is_some_and(|s| s.pending() > 0);
     let mut degraded = Vec::new();
     for (bad, what) in [
+        (broken, "state_broken"),
         (!nats_ok, "nats"),
         (!pg_ok, "postgres"),
         (!tail_ok, "request_tail"),
         (!lag_ok, "projection_lag"),
+        (building, "projection_building"),
         (spooling, "spool"),
     ] {
         if bad {
             degraded.push(what);
         }
     }
-    let ready = tail_ok && (nats_ok || spool.is_some());
+    let ready = tail_ok && !broken && (nats_ok || spool.is_some());
+    let failed = state
+        .failed_task()
+        .map(|(task, reason)| json!({"task": task, "reason": reason}));
     let body = json!({
         "ready": ready,
         "degraded": degraded,
@@ -70,6 +90,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
             "nats": if nats_ok { "ok" } else { "unreachable" },
             "postgres": if pg_ok { "ok" } else { "unreachable" },
             "request_tail": if tail_ok { "caught_up" } else { "catching_up" },
+            "startup": state.startup(),
+            "failed_task": failed,
             "projection_lag_rows": lags,
             "fail_open": spool.is_some(),
             "spool_pending_events": spool.map(|s| s.pending()),
@@ -204,7 +226,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             l.checkpoint.load(Ordering::Relaxed) as i64,
         );
     }
-    for (name, p) in &inner.workers.projectors {
+    for (name, _, p) in &inner.workers.projectors {
         gauge(
             "tally_projection_checkpoint",
             "Projection checkpoint (ledger pos).",
@@ -226,4 +248,9 @@ pub async fn not_found() -> ApiError {
         what: "route".into(),
         field: None,
     }
+}
+
+/// A known route with another method gets the standard error body.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }

@@ -25,28 +25,38 @@ struct Entry {
 pub struct RequestTable {
     map: Mutex<HashMap<String, Entry>>,
     ttl: Duration,
+    capacity: usize,
 }
 
 impl RequestTable {
-    /// A table keeping requests for `ttl` after they were last touched.
+    /// A table keeping requests for `ttl` after they were last touched, at most
+    /// [`MAX_TRACKED_REQUESTS`].
     pub fn new(ttl: Duration) -> Self {
+        Self::with_capacity(ttl, MAX_TRACKED_REQUESTS)
+    }
+
+    /// A table holding at most `capacity` requests.
+    pub fn with_capacity(ttl: Duration, capacity: usize) -> Self {
         RequestTable {
             map: Mutex::new(HashMap::new()),
             ttl,
+            capacity,
         }
     }
 
     /// The slot of `request_id`, created empty if absent. `None` when the table is full.
     pub fn slot(&self, request_id: &str) -> Option<Slot> {
-        let mut map = self.map.lock().expect("request table lock");
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = map.get_mut(request_id) {
             e.seen = Instant::now();
             return Some(e.slot.clone());
         }
-        if map.len() >= MAX_TRACKED_REQUESTS {
+        if map.len() >= self.capacity {
             return None;
         }
-        let slot: Slot = Arc::new(tokio::sync::Mutex::new(RequestView::new(request_id)));
+        let idempotency = chrono::Duration::from_std(self.ttl * 2).unwrap_or(chrono::Duration::MAX);
+        let view = RequestView::new(request_id).with_idempotency(idempotency);
+        let slot: Slot = Arc::new(tokio::sync::Mutex::new(view));
         map.insert(
             request_id.to_owned(),
             Entry {
@@ -80,18 +90,39 @@ impl RequestTable {
     /// then fall back to the ledger). Returns how many remain.
     pub fn sweep(&self) -> usize {
         let horizon = self.ttl * 2;
-        let mut map = self.map.lock().expect("request table lock");
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, e| e.seen.elapsed() < horizon);
         map.len()
     }
 
     /// How many requests are tracked.
     pub fn len(&self) -> usize {
-        self.map.lock().expect("request table lock").len()
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// True when nothing is tracked.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_table_refuses_new_requests_and_frees_room_on_sweep() {
+        let t = RequestTable::with_capacity(Duration::from_millis(1), 3);
+        for i in 0..3 {
+            assert!(t.slot(&format!("r{i}")).is_some());
+        }
+        assert!(t.slot("r3").is_none(), "full: the admission gets 503");
+        assert!(
+            t.slot("r1").is_some(),
+            "a tracked request still has its slot"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(t.sweep(), 0, "past 2 x TTL every request is swept");
+        assert!(t.slot("r3").is_some());
     }
 }

@@ -1,65 +1,44 @@
-//! The stream tail. At start the quota state is rebuilt from the ledger (every row the ledger
-//! writer has acknowledged, in stream order); the tail then follows the stream from the next
-//! sequence, folding every event into the quota state (other instances' admissions, settlements
-//! and admin writes) and request events into the request table, so any instance can settle any
-//! request and admissions stay idempotent across restarts.
+//! The stream tail. At start the quota state is built once, to completion: the newest valid
+//! snapshot at or below the ledger frontier (older ones, then a full rebuild, when it is missing,
+//! damaged or of another format — each fallback logged and shown on `/readyz`), then the ledger
+//! rows after it in stream order. The tail then follows the stream from the frontier, folding
+//! every event into the quota state and request events into the request table. A tail that
+//! loses its consumer resumes after the last sequence it folded; one that finds the stream no
+//! longer holds the next sequence rebuilds from the ledger.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use futures::StreamExt;
+use serde::Serialize;
 use tally_events::Envelope;
+use tally_events::quota::{QuotaState, horizons};
 
 use crate::AppState;
 
-/// How often the table is swept of requests past their TTL.
-pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
-/// How often reservations past their TTL are expired: bounds how long an expired reservation
-/// keeps holding quota beyond the TTL.
-pub const EXPIRE_EVERY: Duration = Duration::from_secs(1);
-/// Most expiries published per round (the rest wait for the next round).
-pub const MAX_EXPIRIES_PER_ROUND: usize = 10_000;
 /// Backoff before re-creating the tail after an error.
 pub const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
-/// Follow the stream forever (until the task is dropped). Marks the state ready once it has read
-/// everything that was in the stream when it started.
-pub async fn run(state: AppState) {
-    let mut sweep = tokio::time::interval(SWEEP_EVERY);
-    let mut expire = tokio::time::interval(EXPIRE_EVERY);
-    // The last stream sequence folded: a restarted tail resumes after it instead of rebuilding,
-    // so admissions never see a state that has lost recent events.
-    let mut resume_after: Option<u64> = None;
-    loop {
-        tokio::select! {
-            _ = expire.tick() => {
-                if state.0.tail_ready.load(Ordering::Relaxed) {
-                    expire_reservations(&state).await;
-                }
-            }
-            r = follow(&state, &mut resume_after) => {
-                if let Err(e) = r {
-                    state.metrics().tail_restarts.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "stream tail failed; resuming");
-                }
-                tokio::time::sleep(RETRY_BACKOFF).await;
-            }
-            _ = sweep.tick() => {
-                state.requests().sweep();
-                state.sweep_in_doubt(state.0.config.reservation_ttl);
-                let ttl = chrono::Duration::from_std(state.0.config.reservation_ttl)
-                    .unwrap_or(chrono::Duration::MAX);
-                state.quota().prune(chrono::Utc::now() - ttl * 2);
-            }
-        }
-    }
+/// How the instance started, for `/readyz` and `/metrics`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Startup {
+    /// `waiting_for_spool`, `loading_snapshot`, `rebuilding`, `following`.
+    pub phase: &'static str,
+    /// The snapshot started from: id, the stream sequence it covers, when it was taken.
+    pub snapshot: Option<serde_json::Value>,
+    /// Snapshots passed over and why, or that there was none (a full rebuild).
+    pub fallbacks: Vec<String>,
+    /// Ledger rows folded after the snapshot.
+    pub rows_folded: u64,
+    /// Their rate.
+    pub rows_per_s: f64,
+    /// From the start of the rebuild until the state was ready, in ms.
+    pub ready_ms: Option<u64>,
 }
 
 /// The ledger writer's durable consumer: everything at or below its ack floor is in the ledger.
 const LEDGER_CONSUMER: &str = "tally-ledger";
-/// Ledger rows read per round trip while rebuilding.
-const BOOTSTRAP_PAGE_ROWS: i64 = 10_000;
 
 /// The first stream sequence not known to be in the ledger.
 async fn ledger_frontier(state: &AppState) -> Result<u64, String> {
@@ -91,114 +70,231 @@ async fn ledger_frontier(state: &AppState) -> Result<u64, String> {
     Ok((floor + 1).max(first).max(1))
 }
 
-/// Fold every ledger row below `frontier` (stream order) into the quota state; rows within the
-/// request table's horizon also into the request table.
-async fn bootstrap(
-    state: &AppState,
-    frontier: u64,
-    quota: &mut tally_events::quota::QuotaState,
-) -> Result<u64, String> {
-    let horizon = chrono::Utc::now()
-        - chrono::Duration::from_std(state.0.config.reservation_ttl * 2)
-            .map_err(|e| e.to_string())?;
-    let mut after: i64 = 0;
-    let mut rows = 0u64;
-    loop {
-        let page: Vec<(i64, serde_json::Value)> = sqlx::query_as(
-            "SELECT stream_seq, payload FROM ledger WHERE stream_seq > $1 AND stream_seq < $2 \
-             ORDER BY stream_seq LIMIT $3",
-        )
-        .bind(after)
-        .bind(i64::try_from(frontier).unwrap_or(i64::MAX))
-        .bind(BOOTSTRAP_PAGE_ROWS)
-        .fetch_all(&state.0.db)
+impl AppState {
+    fn set_startup(&self, f: impl FnOnce(&mut Startup)) {
+        f(&mut self.0.startup.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// How the instance started.
+    pub fn startup(&self) -> Startup {
+        self.0
+            .startup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Build the quota state from the newest usable snapshot and the ledger rows after it; install
+/// it; return the frontier the stream tail starts at.
+async fn rebuild(state: &AppState) -> Result<u64, String> {
+    let started = Instant::now();
+    let frontier = ledger_frontier(state).await?;
+    let stream = state.0.publisher.settings().name.clone();
+    state.set_startup(|s| s.phase = "loading_snapshot");
+    let loaded = tally_ledger::snapshots::load_newest(&state.0.db, &stream, frontier - 1)
         .await
         .map_err(|e| e.to_string())?;
-        let Some((last, _)) = page.last() else {
-            return Ok(rows);
-        };
-        after = *last;
-        for (_, payload) in page {
-            let Ok(bytes) = serde_json::to_vec(&payload) else {
-                continue;
-            };
-            let Ok(env) = Envelope::decode(&bytes) else {
-                continue;
-            };
-            quota.apply(&env);
-            if env.occurred_at >= horizon {
-                state.requests().apply(&env).await;
+    let mut fallbacks: Vec<String> = loaded
+        .skipped
+        .iter()
+        .map(|(s, why)| {
+            format!(
+                "snapshot {} (stream sequence {}) skipped: {why}",
+                s.id, s.stream_seq
+            )
+        })
+        .collect();
+    let (mut q, from, used): (QuotaState, u64, _) = match loaded.snapshot {
+        Some((s, q)) => {
+            let used =
+                serde_json::json!({"id": s.id, "stream_seq": s.stream_seq, "taken_at": s.taken_at});
+            (q, s.stream_seq.max(0) as u64, Some(used))
+        }
+        None => {
+            tracing::warn!(
+                frontier,
+                "no usable snapshot: rebuilding the quota state from the first ledger row"
+            );
+            fallbacks.push("no usable snapshot: full rebuild from the ledger".into());
+            (QuotaState::default(), 0, None)
+        }
+    };
+    q.set_idempotency(state.idempotency());
+    state.set_startup(|s| {
+        s.phase = "rebuilding";
+        s.snapshot = used;
+        s.fallbacks = fallbacks;
+    });
+    let p = tally_ledger::reader::fold_by_seq(&state.0.db, from, frontier, |page, p| {
+        for (_, env) in page {
+            q.apply(env);
+        }
+        // Forget and compact as the live instance would have, as the rebuild goes: memory
+        // follows the active state, not the history being read.
+        maintain(state, &mut q, REBUILD_COMPACT_SUBJECTS);
+        state.set_startup(|s| (s.rows_folded, s.rows_per_s) = (p.rows, p.rows_per_s));
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    maintain(state, &mut q, usize::MAX);
+    *state.quota() = q;
+    state.0.tail_seq.store(frontier - 1, Ordering::Release);
+    let ready_ms = started.elapsed().as_millis() as u64;
+    state.set_startup(|s| s.ready_ms = Some(ready_ms));
+    tracing::info!(
+        snapshot_seq = from,
+        rows = p.rows,
+        rows_per_s = p.rows_per_s as u64,
+        frontier,
+        ready_ms,
+        "quota state built"
+    );
+    Ok(frontier)
+}
+
+/// Subjects compacted after each page of a rebuild: a round of the whole state every few pages.
+const REBUILD_COMPACT_SUBJECTS: usize = 20_000;
+
+/// Forget what a live instance would have forgotten by now (by the stream's clock), and compact
+/// up to `subjects` subjects' usage.
+fn maintain(state: &AppState, q: &mut QuotaState, subjects: usize) {
+    let cfg = &state.0.config;
+    let now = chrono::Utc::now();
+    q.prune();
+    let backfill = chrono::Duration::from_std(cfg.max_backfill).unwrap_or(chrono::Duration::MAX);
+    let h = horizons(&q.config, now, backfill);
+    q.compact(
+        &h,
+        now.checked_sub_signed(backfill).unwrap_or(now),
+        subjects,
+    );
+}
+
+/// The follow task: wait for an earlier run's spool, build the state once, then follow the
+/// stream until `stop`, resuming after errors.
+pub async fn follow_task(
+    state: AppState,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), String> {
+    tokio::select! {
+        _ = crate::tasks::stopped(&mut stop) => return Ok(()),
+        _ = wait_for_spool_backlog(&state) => {}
+    }
+    let mut resume = loop {
+        tokio::select! {
+            _ = crate::tasks::stopped(&mut stop) => return Ok(()),
+            r = rebuild(&state) => match r {
+                Ok(frontier) => break frontier - 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "building the quota state failed; retrying");
+                    tokio::time::sleep(RETRY_BACKOFF).await;
+                }
+            },
+        }
+    };
+    state.set_startup(|s| s.phase = "following");
+    loop {
+        tokio::select! {
+            _ = crate::tasks::stopped(&mut stop) => return Ok(()),
+            r = follow(&state, &mut resume) => {
+                if let Err(e) = r {
+                    state.metrics().tail_restarts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, resume_after = resume, "stream tail failed; resuming");
+                }
+                tokio::time::sleep(RETRY_BACKOFF).await;
             }
-            rows += 1;
         }
     }
 }
 
-async fn follow(state: &AppState, resume_after: &mut Option<u64>) -> Result<(), String> {
+/// Follow the stream after `resume`, updating it as events are folded. Returns on error.
+async fn follow(state: &AppState, resume: &mut u64) -> Result<(), String> {
     let inner = &state.0;
     let settings = inner.publisher.settings();
     let js = inner.publisher.jetstream();
-    let frontier = match *resume_after {
-        Some(seq) => seq + 1,
-        None => {
-            wait_for_spool_backlog(state).await;
-            let frontier = ledger_frontier(state).await?;
-            let mut rebuilt = tally_events::quota::QuotaState::default();
-            let rows = bootstrap(state, frontier, &mut rebuilt).await?;
-            *state.quota() = rebuilt;
-            *resume_after = Some(frontier - 1);
-            state.0.tail_seq.store(frontier - 1, Ordering::Release);
-            tracing::info!(rows, frontier, "quota state rebuilt from the ledger");
-            frontier
-        }
-    };
-    let stream = js
+    let mut stream = js
         .get_stream(&settings.name)
         .await
         .map_err(|e| e.to_string())?;
+    let first = stream
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .first_sequence;
+    if first > *resume + 1 {
+        // The stream no longer holds what this instance has not folded yet: start over from
+        // the ledger, which does.
+        tracing::error!(
+            resume_after = *resume,
+            stream_first = first,
+            "the stream dropped events the tail had not folded; rebuilding"
+        );
+        inner.tail_ready.store(false, Ordering::Relaxed);
+        *resume = rebuild(state).await? - 1;
+    }
     let mut consumer = stream
         .create_consumer(OrderedConfig {
             filter_subject: format!("{}.>", settings.prefix()),
             deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: frontier,
+                start_sequence: *resume + 1,
             },
             ..Default::default()
         })
         .await
         .map_err(|e| e.to_string())?;
-    let pending_at_start = consumer
+    if consumer
         .info()
         .await
         .map_err(|e| e.to_string())?
-        .num_pending;
-    if pending_at_start == 0 {
+        .num_pending
+        == 0
+    {
         inner.tail_ready.store(true, Ordering::Relaxed);
     }
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     while let Some(m) = messages.next().await {
         let m = m.map_err(|e| e.to_string())?;
+        // A test makes the tail panic here to show a dead task is noticed (no-op normally).
+        fail::fail_point!("tail-apply");
         if let Ok(env) = Envelope::decode(&m.payload) {
             state.quota().apply(&env);
             state.requests().apply(&env).await;
         }
         if let Ok(info) = m.info() {
-            *resume_after = Some(info.stream_sequence);
-            state
-                .0
+            *resume = info.stream_sequence;
+            inner
                 .tail_seq
                 .store(info.stream_sequence, Ordering::Release);
-        }
-        if m.info().map(|i| i.pending == 0).unwrap_or(false) {
-            inner.tail_ready.store(true, Ordering::Relaxed);
+            inner.tail_lag_ms.store(behind_ms(&info), Ordering::Relaxed);
+            if info.pending == 0 {
+                inner.tail_ready.store(true, Ordering::Relaxed);
+            }
         }
     }
     Err("tail ended".into())
+}
+
+/// How far behind the head a message was folded: 0 when nothing was pending after it.
+fn behind_ms(info: &async_nats::jetstream::message::Info<'_>) -> u64 {
+    if info.pending == 0 {
+        return 0;
+    }
+    let published = chrono::DateTime::<chrono::Utc>::from_timestamp(
+        info.published.unix_timestamp(),
+        info.published.nanosecond(),
+    );
+    published.map_or(0, |p| {
+        (chrono::Utc::now() - p).num_milliseconds().max(0) as u64
+    })
 }
 
 /// Events a previous run spooled (`--fail-open`) must reach the stream before the state is
 /// rebuilt from it, or admissions would be decided without them.
 async fn wait_for_spool_backlog(state: &AppState) {
     let Some(spool) = state.spool() else { return };
+    state.set_startup(|s| s.phase = "waiting_for_spool");
     let mut logged = false;
     while !spool.backlog_drained() {
         if !logged {
@@ -209,30 +305,5 @@ async fn wait_for_spool_backlog(state: &AppState) {
             logged = true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Publish `reservation.expired` for every reservation past its TTL. Every instance does this;
-/// the event id is derived from the admission id, so JetStream (duplicate window) and the ledger
-/// (primary key) keep exactly one, and the tail closes it on the others.
-async fn expire_reservations(state: &AppState) {
-    let ttl =
-        chrono::Duration::from_std(state.0.config.reservation_ttl).unwrap_or(chrono::Duration::MAX);
-    let now = chrono::Utc::now();
-    let mut due = state.quota().expired(now, ttl);
-    due.truncate(MAX_EXPIRIES_PER_ROUND);
-    for (request_id, admission_id, leaf) in due {
-        let data = tally_events::EventData::ReservationExpired(tally_events::ReservationEnded {
-            admission_id,
-        });
-        let mut env = Envelope::new(data, now, Some(request_id.clone()), leaf);
-        env.id = crate::handlers::derived_id(&format!("expired|{admission_id}"));
-        if let Err(e) = state.publish(&env).await {
-            tracing::warn!(error = %e, request_id, "reservation expiry not published; retrying");
-            return;
-        }
-        state.quota().apply(&env);
-        state.requests().apply(&env).await;
-        state.metrics().expiries.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -11,9 +11,10 @@ use crate::model::*;
 /// Newest schema version this build writes and reads. Readers upgrade older versions.
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// Largest encoded event we accept. An admission with many checks stays far below this; the
-/// bound keeps one poisoned message from exhausting memory in every consumer.
-pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+/// Largest encoded event we accept: an admission with [`crate::rules::MAX_CHECKS`] checks fits
+/// (about 300 bytes each), and the bound keeps one poisoned message from exhausting memory in
+/// every consumer. Below the stream's message limit.
+pub const MAX_EVENT_BYTES: usize = 512 * 1024;
 
 /// Every event type of SPEC §2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -28,6 +29,9 @@ pub enum EventType {
     ReservationExpired,
     /// `subject.upserted`
     SubjectUpserted,
+    /// `subject.deleted` (SPEC v2 §6: a retired subject takes its policies, grants and credit
+    /// balance with it, in one event)
+    SubjectDeleted,
     /// `model_group.upserted`
     ModelGroupUpserted,
     /// `model_group.deleted`
@@ -48,12 +52,13 @@ pub enum EventType {
     ThresholdCrossed,
 }
 
-const ALL_TYPES: [(EventType, &str); 14] = [
+const ALL_TYPES: [(EventType, &str); 15] = [
     (EventType::AdmissionDecided, "admission.decided"),
     (EventType::UsageSettled, "usage.settled"),
     (EventType::ReservationReleased, "reservation.released"),
     (EventType::ReservationExpired, "reservation.expired"),
     (EventType::SubjectUpserted, "subject.upserted"),
+    (EventType::SubjectDeleted, "subject.deleted"),
     (EventType::ModelGroupUpserted, "model_group.upserted"),
     (EventType::ModelGroupDeleted, "model_group.deleted"),
     (EventType::PolicyUpserted, "policy.upserted"),
@@ -182,6 +187,11 @@ pub struct SubjectUpserted {
     pub disabled: bool,
 }
 
+/// `subject.deleted`: the envelope's `subject` is retired. No fields.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectDeleted {}
+
 /// `model_group.upserted` / `model_group.deleted` (`models` empty on delete).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -263,6 +273,9 @@ pub struct GrantIssued {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreditsAdjusted {
+    /// The client's idempotency key: a second write with the same id changes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// Operation.
     pub op: CreditOp,
     /// Amount, >= 0.
@@ -300,6 +313,8 @@ pub enum EventData {
     ReservationExpired(ReservationEnded),
     /// `subject.upserted`
     SubjectUpserted(SubjectUpserted),
+    /// `subject.deleted`
+    SubjectDeleted(SubjectDeleted),
     /// `model_group.upserted`
     ModelGroupUpserted(ModelGroupChanged),
     /// `model_group.deleted`
@@ -365,8 +380,29 @@ fn malformed(e: serde_path_to_error::Error<serde_json::Error>, prefix: &str) -> 
     }
 }
 
-fn data_of<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Error> {
-    serde_path_to_error::deserialize(value).map_err(|e| malformed(e, "data"))
+/// The typed `data` of one event type, parsed from its JSON text.
+fn data_of<T: DeserializeOwned>(text: &str) -> Result<T, Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(e, "data"))
+}
+
+/// The envelope as read: everything but `data`, which is kept as its raw JSON text (a validated
+/// slice of the input, no allocation) until the type is known, whatever order the keys come in
+/// (Postgres' `jsonb` puts `data` before `type`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIn<'a> {
+    id: Uuid,
+    #[serde(rename = "type")]
+    event_type: String,
+    schema: u32,
+    occurred_at: DateTime<Utc>,
+    #[serde(default)]
+    request_id: Option<String>,
+    #[serde(default)]
+    subject: Option<Subject>,
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
 }
 
 impl EventData {
@@ -379,6 +415,7 @@ impl EventData {
             D::ReservationReleased(_) => EventType::ReservationReleased,
             D::ReservationExpired(_) => EventType::ReservationExpired,
             D::SubjectUpserted(_) => EventType::SubjectUpserted,
+            D::SubjectDeleted(_) => EventType::SubjectDeleted,
             D::ModelGroupUpserted(_) => EventType::ModelGroupUpserted,
             D::ModelGroupDeleted(_) => EventType::ModelGroupDeleted,
             D::PolicyUpserted(_) => EventType::PolicyUpserted,
@@ -391,7 +428,7 @@ impl EventData {
         }
     }
 
-    fn decode(t: EventType, v: serde_json::Value) -> Result<EventData, Error> {
+    fn decode(t: EventType, v: &str) -> Result<EventData, Error> {
         use EventData as D;
         use EventType as T;
         Ok(match t {
@@ -400,6 +437,7 @@ impl EventData {
             T::ReservationReleased => D::ReservationReleased(data_of(v)?),
             T::ReservationExpired => D::ReservationExpired(data_of(v)?),
             T::SubjectUpserted => D::SubjectUpserted(data_of(v)?),
+            T::SubjectDeleted => D::SubjectDeleted(data_of(v)?),
             T::ModelGroupUpserted => D::ModelGroupUpserted(data_of(v)?),
             T::ModelGroupDeleted => D::ModelGroupDeleted(data_of(v)?),
             T::PolicyUpserted => D::PolicyUpserted(data_of(v)?),
@@ -419,6 +457,7 @@ impl EventData {
             D::UsageSettled(d) => serde_json::to_value(d),
             D::ReservationReleased(d) | D::ReservationExpired(d) => serde_json::to_value(d),
             D::SubjectUpserted(d) => serde_json::to_value(d),
+            D::SubjectDeleted(d) => serde_json::to_value(d),
             D::ModelGroupUpserted(d) | D::ModelGroupDeleted(d) => serde_json::to_value(d),
             D::PolicyUpserted(d) => serde_json::to_value(d),
             D::PolicyDeleted(d) | D::GrantRevoked(d) => serde_json::to_value(d),
@@ -496,7 +535,7 @@ impl Envelope {
             ));
         }
         let mut de = serde_json::Deserializer::from_slice(bytes);
-        let raw: Raw<serde_json::Value> =
+        let raw: RawIn<'_> =
             serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(e, ""))?;
         de.end().map_err(|e| Error::Malformed {
             field: None,
@@ -513,7 +552,7 @@ impl Envelope {
             occurred_at: raw.occurred_at,
             request_id: raw.request_id,
             subject: raw.subject,
-            data: EventData::decode(t, raw.data)?,
+            data: EventData::decode(t, raw.data.get())?,
         };
         env.validate()?;
         Ok(env)

@@ -17,6 +17,9 @@ pub enum Error {
     /// The `schema` is newer than this reader supports (or zero).
     #[error("unsupported schema version {0} (this reader supports 1..={max})", max = crate::SCHEMA_VERSION)]
     UnsupportedSchema(u32),
+    /// A quota snapshot could not be read.
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
     /// A field is well-typed but its value is not allowed.
     #[error("invalid `{field}`: {message}")]
     Invalid {
@@ -43,6 +46,32 @@ impl Error {
             Error::Invalid { field, .. } => Some(field),
             Error::UnknownType(_) => Some("type"),
             Error::UnsupportedSchema(_) => Some("schema"),
+            Error::Snapshot(_) => None,
         }
     }
+}
+
+/// Why a quota snapshot was refused (each a reason to fall back to an older one).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum SnapshotError {
+    /// Shorter than its header says (a torn or cut write).
+    #[error("truncated ({0} bytes)")]
+    Truncated(usize),
+    /// Not a snapshot at all.
+    #[error("bad magic")]
+    Magic,
+    /// Written in a format this build does not read.
+    #[error("format {0} is not the format this build reads ({fmt})", fmt = crate::quota::SNAPSHOT_FORMAT)]
+    Format(u32),
+    /// The body does not match its checksum.
+    #[error("checksum mismatch: header says {expected:08x}, body hashes to {found:08x}")]
+    Checksum {
+        /// In the header.
+        expected: u32,
+        /// Of the body.
+        found: u32,
+    },
+    /// The body does not decode.
+    #[error("body does not decode: {0}")]
+    Body(String),
 }

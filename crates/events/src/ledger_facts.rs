@@ -23,6 +23,9 @@ pub struct LedgerFacts {
     pub counted_in_key_global: bool,
     /// Frozen at admission and copied to every row of the request.
     pub counted_in_user_global: bool,
+    /// The admission the event belongs to (an admission's own id; a settlement's, release's or
+    /// expiry's admission). Part of a settlement's identity.
+    pub admission_id: Option<uuid::Uuid>,
 }
 
 impl LedgerFacts {
@@ -36,6 +39,7 @@ impl LedgerFacts {
             amounts: Usage::default(),
             counted_in_key_global: true,
             counted_in_user_global: true,
+            admission_id: None,
         };
         match &env.data {
             EventData::AdmissionDecided(d) => {
@@ -45,6 +49,10 @@ impl LedgerFacts {
                 facts.amounts = d.estimate;
                 facts.counted_in_key_global = d.counted_in_key_global;
                 facts.counted_in_user_global = d.counted_in_user_global;
+                facts.admission_id = Some(d.admission_id);
+            }
+            EventData::ReservationReleased(d) | EventData::ReservationExpired(d) => {
+                facts.admission_id = Some(d.admission_id);
             }
             EventData::UsageSettled(d) => {
                 facts.window_at = d.window_at;
@@ -54,6 +62,7 @@ impl LedgerFacts {
                 facts.amounts = d.usage;
                 facts.counted_in_key_global = d.counted_in_key_global;
                 facts.counted_in_user_global = d.counted_in_user_global;
+                facts.admission_id = d.admission_id;
             }
             EventData::CreditsAdjusted(d) => facts.amounts.credits = d.amount,
             _ => {}

@@ -12,15 +12,18 @@ mod model;
 mod partition;
 pub mod quota;
 mod request;
+pub mod rules;
 mod usage;
 mod validate;
 pub mod window;
 
 pub use envelope::*;
-pub use error::Error;
+pub use error::{Error, SnapshotError};
 pub use ledger_facts::LedgerFacts;
 pub use model::*;
 pub use partition::{DEFAULT_PARTITIONS, MAX_PARTITIONS, partition_of};
-pub use request::{RequestState, RequestView, Settlement};
-pub use usage::{UsageKey, UsageTotals, fold_usage, minute_of};
-pub use validate::validate_window;
+pub use request::{MAX_SETTLEMENTS_PER_REQUEST, RequestState, RequestView, Settlement};
+pub use usage::{
+    DailyTotals, DayKey, UsageKey, UsageTotals, day_of, fold_daily, fold_usage, minute_of,
+};
+pub use window::epoch_minute;

@@ -124,20 +124,30 @@ impl Usage {
         ]
     }
 
-    /// `input_tokens + output_tokens`.
+    /// `input_tokens + output_tokens`, saturating at `i64::MAX` (SPEC v2 §4: totals saturate).
     pub fn tokens(&self) -> i64 {
-        self.input_tokens + self.output_tokens
+        self.input_tokens.saturating_add(self.output_tokens)
     }
 
-    /// Component-wise sum. Panics on overflow: amounts are bounded, so overflow means a bug.
+    /// Component-wise sum, saturating at `i64::MAX`: each amount is bounded per event, but a
+    /// total over enough events is not, and a saturated total must read as "exhausted", never
+    /// wrap negative or panic (SPEC v2 §4, §10.10).
     pub fn plus(&self, o: &Usage) -> Usage {
-        let add = |a: i64, b: i64| a.checked_add(b).expect("usage overflow");
+        self.zip(o, i64::saturating_add)
+    }
+
+    /// Component-wise difference, saturating (never wraps).
+    pub fn minus(&self, o: &Usage) -> Usage {
+        self.zip(o, i64::saturating_sub)
+    }
+
+    fn zip(&self, o: &Usage, f: fn(i64, i64) -> i64) -> Usage {
         Usage {
-            requests: add(self.requests, o.requests),
-            input_tokens: add(self.input_tokens, o.input_tokens),
-            output_tokens: add(self.output_tokens, o.output_tokens),
-            cost: add(self.cost, o.cost),
-            credits: add(self.credits, o.credits),
+            requests: f(self.requests, o.requests),
+            input_tokens: f(self.input_tokens, o.input_tokens),
+            output_tokens: f(self.output_tokens, o.output_tokens),
+            cost: f(self.cost, o.cost),
+            credits: f(self.credits, o.credits),
         }
     }
 
@@ -166,6 +176,28 @@ pub enum Metric {
 }
 
 impl Metric {
+    /// Every metric, in a fixed order.
+    pub const ALL: [Metric; 6] = [
+        Metric::Requests,
+        Metric::InputTokens,
+        Metric::OutputTokens,
+        Metric::Tokens,
+        Metric::Cost,
+        Metric::Credits,
+    ];
+
+    /// This metric's position in [`Metric::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            Metric::Requests => 0,
+            Metric::InputTokens => 1,
+            Metric::OutputTokens => 2,
+            Metric::Tokens => 3,
+            Metric::Cost => 4,
+            Metric::Credits => 5,
+        }
+    }
+
     /// The amount of this metric in `u`.
     pub fn of(self, u: &Usage) -> i64 {
         match self {
@@ -215,8 +247,9 @@ pub enum Window {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         anchor: Option<DateTime<Utc>>,
     },
-    /// Never resets.
-    Lifetime,
+    /// Never resets. A struct variant so that unknown fields beside `kind` are refused like
+    /// every other window's (`{"kind":"lifetime","duration":"5h"}` is a mistake, not a lifetime).
+    Lifetime {},
 }
 
 /// Calendar window unit.
@@ -247,7 +280,13 @@ pub fn parse_duration_minutes(field: &str, text: &str) -> Result<i64, Error> {
         'w' => 7 * 24 * 60,
         _ => return Err(bad()),
     };
-    let n: i64 = text[..text.len() - 1].parse().map_err(|_| bad())?;
+    let digits = &text[..text.len() - unit.len_utf8()];
+    // Digits only: `+5h`, `-5h`, ` 5h` and `5.0h` are refused here, where the client hears the
+    // field it sent, not later by a stricter reader.
+    if digits.is_empty() || digits.len() > 12 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: i64 = digits.parse().map_err(|_| bad())?;
     // Ten years: longer "rolling" or "periodic" windows are lifetime windows in disguise.
     const MAX_MINUTES: i64 = 10 * 366 * 24 * 60;
     match n.checked_mul(per_unit) {
@@ -353,8 +392,10 @@ pub enum CreditOp {
     Set,
     /// Add to the balance.
     Increment,
-    /// Subtract from the balance.
+    /// Subtract from the balance (never below zero).
     Decrement,
+    /// Remove the balance: the subject is unlimited again (SPEC v2 §6). Also a barrier.
+    Clear,
 }
 
 /// Refill schedule of a credit balance.

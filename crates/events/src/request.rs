@@ -31,6 +31,8 @@ pub enum RequestState {
 pub struct Settlement {
     /// Event id.
     pub event_id: Uuid,
+    /// The admission it settles (None for direct usage).
+    pub admission_id: Option<Uuid>,
     /// Dedupe key.
     pub settlement_id: String,
     /// Chunk sequence.
@@ -63,6 +65,9 @@ pub struct RequestView {
     pub settled: Usage,
     /// Lifecycle state.
     pub state: RequestState,
+    /// How long the request id names this request (a later decision is a new request).
+    #[serde(skip)]
+    pub idempotency: chrono::Duration,
 }
 
 /// Most settlements one request may carry: a long stream settles in chunks, but a request with
@@ -80,14 +85,23 @@ impl RequestView {
             settlements: Vec::new(),
             settled: Usage::default(),
             state: RequestState::Open,
+            idempotency: chrono::Duration::minutes(crate::quota::DEFAULT_IDEMPOTENCY_MINUTES),
         }
     }
 
-    /// Whether a settlement with this id was already counted.
+    /// The same view with another idempotency window (twice the reservation TTL).
+    pub fn with_idempotency(mut self, d: chrono::Duration) -> Self {
+        self.idempotency = d;
+        self
+    }
+
+    /// Whether a settlement with this id was already counted for the current decision (the
+    /// identity of a settlement is its admission and its settlement id).
     pub fn has_settlement(&self, settlement_id: &str) -> bool {
+        let current = self.admission.as_ref().map(|a| a.admission_id);
         self.settlements
             .iter()
-            .any(|s| s.settlement_id == settlement_id)
+            .any(|s| s.settlement_id == settlement_id && s.admission_id == current)
     }
 
     /// Whether the request is finished (no more reservation held).
@@ -100,8 +114,18 @@ impl RequestView {
     pub fn apply(&mut self, env: &Envelope) {
         match &env.data {
             EventData::AdmissionDecided(d) => {
-                if self.admission.is_some() {
-                    return; // first decision wins (idempotent admission)
+                if let Some(first) = &self.admission {
+                    // The first decision stands within the idempotency window; past it the id
+                    // names a new request (the same rule as the quota fold).
+                    let fresh = first
+                        .received_at
+                        .checked_add_signed(self.idempotency)
+                        .is_some_and(|end| d.received_at >= end);
+                    if first.admission_id == d.admission_id || !fresh {
+                        return;
+                    }
+                    *self = RequestView::new(self.request_id.clone())
+                        .with_idempotency(self.idempotency);
                 }
                 self.subject = env.subject.clone();
                 self.admitted_at = Some(env.occurred_at);
@@ -126,9 +150,15 @@ impl RequestView {
     }
 
     fn apply_settlement(&mut self, env: &Envelope, d: &crate::envelope::UsageSettled) {
-        if self.has_settlement(&d.settlement_id)
-            || self.settlements.len() >= MAX_SETTLEMENTS_PER_REQUEST
-        {
+        let current = self.admission.as_ref().map(|a| a.admission_id);
+        if d.admission_id.is_some() && current.is_some() && d.admission_id != current {
+            return; // another decision of the same id: not this request's
+        }
+        let seen = self
+            .settlements
+            .iter()
+            .any(|s| s.settlement_id == d.settlement_id && s.admission_id == d.admission_id);
+        if seen || self.settlements.len() >= MAX_SETTLEMENTS_PER_REQUEST {
             return;
         }
         if self.subject.is_none() {
@@ -137,6 +167,7 @@ impl RequestView {
         self.settled = self.settled.plus(&d.usage);
         self.settlements.push(Settlement {
             event_id: env.id,
+            admission_id: d.admission_id,
             settlement_id: d.settlement_id.clone(),
             seq: d.seq,
             usage: d.usage,

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
 
 use crate::envelope::{Envelope, EventData};
 use crate::model::Usage;
@@ -31,8 +31,7 @@ pub type UsageTotals = BTreeMap<UsageKey, Usage>;
 
 /// Start of the minute containing `t`.
 pub fn minute_of(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.duration_trunc(TimeDelta::minutes(1))
-        .expect("minute truncation of a valid time")
+    crate::window::minute_floor(t)
 }
 
 /// Fold one event: a `usage.settled` adds its usage once for every subject of its chain, at the
@@ -57,4 +56,54 @@ pub fn fold_usage(mut totals: UsageTotals, env: &Envelope) -> UsageTotals {
         *slot = slot.plus(&d.usage);
     }
     totals
+}
+
+/// A chain subject, a model (`""` for none) and a local day.
+pub type DayKey = (String, String, chrono::NaiveDate);
+
+/// Settled usage per chain subject × model × day.
+pub type DailyTotals = BTreeMap<DayKey, Usage>;
+
+/// The day containing `t` in `tz`.
+pub fn day_of(t: DateTime<Utc>, tz: chrono_tz::Tz) -> chrono::NaiveDate {
+    t.with_timezone(&tz).date_naive()
+}
+
+/// Fold one event into daily totals, days in `tz`: a `usage.settled` adds its usage once for
+/// every subject of its chain, on the local day of its window time (the same amounts
+/// [`fold_usage`] counts, grouped by day).
+pub fn fold_daily(totals: &mut DailyTotals, env: &Envelope, tz: chrono_tz::Tz) {
+    let EventData::UsageSettled(d) = &env.data else {
+        return;
+    };
+    if d.usage.is_zero() {
+        return;
+    }
+    let day = day_of(d.window_at, tz);
+    for subject in &d.chain {
+        let key = (
+            subject.as_str().to_owned(),
+            d.model.clone().unwrap_or_default(),
+            day,
+        );
+        let slot = totals.entry(key).or_default();
+        *slot = slot.plus(&d.usage);
+    }
+}
+
+#[cfg(test)]
+mod daily_tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn local_days_split_where_the_time_zone_says() {
+        let t = Utc.with_ymd_and_hms(2026, 3, 1, 23, 30, 0).unwrap();
+        assert_eq!(day_of(t, chrono_tz::UTC).to_string(), "2026-03-01");
+        assert_eq!(day_of(t, chrono_tz::Asia::Tokyo).to_string(), "2026-03-02");
+        assert_eq!(
+            day_of(t, chrono_tz::America::Los_Angeles).to_string(),
+            "2026-03-01"
+        );
+    }
 }

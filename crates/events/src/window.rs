@@ -9,7 +9,9 @@
 //!   first valid local minute after the gap; one that falls in a fall-back overlap starts at the
 //!   earlier of the two instants;
 //! - periodic: `[anchor + k·every, anchor + (k+1)·every)` for every integer k (before the anchor
-//!   too), the anchor truncated to the minute;
+//!   too: k is the floor of the exact distance, fractions of a second included, so the window
+//!   reported for t always contains t). Anchors are whole minutes (a write with any other anchor
+//!   is refused); an anchor of an older event that is not is truncated to the minute;
 //! - lifetime: no bounds.
 //!
 //! A boundary instant belongs to the window it starts.
@@ -53,36 +55,40 @@ pub enum WindowSpec {
     Lifetime,
 }
 
+/// Minutes since the epoch of an instant (floor, also before 1970).
+pub fn epoch_minute(t: DateTime<Utc>) -> i64 {
+    t.timestamp().div_euclid(60)
+}
+
 /// Truncate to the minute.
 pub fn minute_floor(t: DateTime<Utc>) -> DateTime<Utc> {
     let secs = t.timestamp().div_euclid(60) * 60;
     DateTime::from_timestamp(secs, 0).unwrap_or(t)
 }
 
-/// Validate a window (as a policy write does).
-pub fn validate_window(window: &Window) -> Result<(), Error> {
-    WindowSpec::compile(window, Utc::now()).map(drop)
-}
-
-fn parse_reset_at(text: &str) -> Result<u32, Error> {
+/// Parse a calendar `reset_at`, `HH:MM` in 24-hour digits only (`+4:00`, `4:00`, `04:00:00` and
+/// `24:00` are refused), into the minute of the day.
+pub fn parse_reset_at(field: &str, text: &str) -> Result<u32, Error> {
     let bad = || {
         Error::invalid(
-            "window.reset_at",
+            field,
             format!("`{text}` is not a time like 04:00 (HH:MM, 24-hour)"),
         )
     };
-    let (h, m) = text.split_once(':').ok_or_else(bad)?;
-    if h.len() != 2 || m.len() != 2 {
+    let b = text.as_bytes();
+    let digit = |i: usize| b[i].is_ascii_digit();
+    if b.len() != 5 || b[2] != b':' || ![0, 1, 3, 4].into_iter().all(digit) {
         return Err(bad());
     }
-    let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    let num = |i: usize| u32::from(b[i] - b'0') * 10 + u32::from(b[i + 1] - b'0');
+    let (h, m) = (num(0), num(3));
     if h > 23 || m > 59 {
         return Err(bad());
     }
     Ok(h * 60 + m)
 }
 
-fn parse_weekday(text: &str) -> Result<Weekday, Error> {
+fn parse_weekday(field: &str, text: &str) -> Result<Weekday, Error> {
     Ok(match text {
         "monday" => Weekday::Mon,
         "tuesday" => Weekday::Tue,
@@ -93,7 +99,7 @@ fn parse_weekday(text: &str) -> Result<Weekday, Error> {
         "sunday" => Weekday::Sun,
         _ => {
             return Err(Error::invalid(
-                "window.week_start",
+                field,
                 format!("`{text}` is not a weekday (monday … sunday)"),
             ));
         }
@@ -106,64 +112,43 @@ fn anchor_in_range(t: DateTime<Utc>) -> bool {
 }
 
 impl WindowSpec {
-    /// Validate and compile. `created_at` is the default anchor of periodic windows.
+    /// Validate and compile, naming fields `window.…`. `created_at` is the default anchor of
+    /// periodic windows.
     pub fn compile(window: &Window, created_at: DateTime<Utc>) -> Result<WindowSpec, Error> {
+        Self::compile_in("window", window, created_at)
+    }
+
+    /// [`WindowSpec::compile`] naming fields `{prefix}.…` (e.g. `data.window.every`).
+    pub fn compile_in(
+        prefix: &str,
+        window: &Window,
+        created_at: DateTime<Utc>,
+    ) -> Result<WindowSpec, Error> {
+        let f = |name: &str| format!("{prefix}.{name}");
         Ok(match window {
             Window::Rolling { duration } => WindowSpec::Rolling {
-                minutes: parse_duration_minutes("window.duration", duration)?,
+                minutes: parse_duration_minutes(&f("duration"), duration)?,
             },
             Window::Calendar {
                 unit,
                 timezone,
                 reset_at,
                 week_start,
-            } => {
-                let tz = match timezone.as_deref() {
-                    None => Tz::UTC,
-                    Some(name) => name.parse::<Tz>().map_err(|_| {
-                        Error::invalid(
-                            "window.timezone",
-                            format!("`{name}` is not an IANA time zone"),
-                        )
-                    })?,
-                };
-                let reset_minute_of_day = reset_at
-                    .as_deref()
-                    .map(parse_reset_at)
-                    .transpose()?
-                    .unwrap_or(0);
-                let week_start = week_start
-                    .as_deref()
-                    .map(parse_weekday)
-                    .transpose()?
-                    .unwrap_or(Weekday::Mon);
-                if week_start != Weekday::Mon && *unit != CalendarUnit::Week {
-                    return Err(Error::invalid(
-                        "window.week_start",
-                        "only applies to weekly windows",
-                    ));
-                }
-                WindowSpec::Calendar {
-                    unit: *unit,
-                    tz,
-                    reset_minute_of_day,
-                    week_start,
-                }
-            }
+            } => compile_calendar(prefix, *unit, timezone, reset_at, week_start)?,
             Window::Periodic { every, anchor } => {
                 let anchor = minute_floor(anchor.unwrap_or(created_at));
                 if !anchor_in_range(anchor) {
                     return Err(Error::invalid(
-                        "window.anchor",
+                        f("anchor"),
                         "must lie between 1970 and 2200",
                     ));
                 }
                 WindowSpec::Periodic {
-                    every_minutes: parse_duration_minutes("window.every", every)?,
+                    every_minutes: parse_duration_minutes(&f("every"), every)?,
                     anchor,
                 }
             }
-            Window::Lifetime => WindowSpec::Lifetime,
+            Window::Lifetime {} => WindowSpec::Lifetime,
         })
     }
 
@@ -191,7 +176,10 @@ impl WindowSpec {
                 every_minutes,
                 anchor,
             } => {
-                let since = (t - *anchor).num_seconds().div_euclid(60);
+                // Floor of the exact distance in minutes: epoch minutes are floors of the exact
+                // instant (chrono keeps sub-second parts non-negative), and the anchor is a whole
+                // minute, so an instant half a second before the anchor lies in window k = -1.
+                let since = epoch_minute(t) - epoch_minute(*anchor);
                 let k = since.div_euclid(*every_minutes);
                 let start = *anchor + Duration::minutes(k * every_minutes);
                 Some(WindowBounds {
@@ -224,6 +212,44 @@ impl WindowSpec {
             _ => None,
         }
     }
+}
+
+fn compile_calendar(
+    prefix: &str,
+    unit: CalendarUnit,
+    timezone: &Option<String>,
+    reset_at: &Option<String>,
+    week_start: &Option<String>,
+) -> Result<WindowSpec, Error> {
+    let f = |name: &str| format!("{prefix}.{name}");
+    let tz = match timezone.as_deref() {
+        None => Tz::UTC,
+        Some(name) => name.parse::<Tz>().map_err(|_| {
+            Error::invalid(f("timezone"), format!("`{name}` is not an IANA time zone"))
+        })?,
+    };
+    let reset_minute_of_day = reset_at
+        .as_deref()
+        .map(|r| parse_reset_at(&f("reset_at"), r))
+        .transpose()?
+        .unwrap_or(0);
+    let week_start = week_start
+        .as_deref()
+        .map(|w| parse_weekday(&f("week_start"), w))
+        .transpose()?
+        .unwrap_or(Weekday::Mon);
+    if week_start != Weekday::Mon && unit != CalendarUnit::Week {
+        return Err(Error::invalid(
+            f("week_start"),
+            "only applies to weekly windows",
+        ));
+    }
+    Ok(WindowSpec::Calendar {
+        unit,
+        tz,
+        reset_minute_of_day,
+        week_start,
+    })
 }
 
 /// The UTC instant a local boundary (date at the reset minute) falls on.

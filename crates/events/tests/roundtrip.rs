@@ -87,6 +87,11 @@ fn every_event() -> Vec<Envelope> {
             key(),
         ),
         (
+            EventData::SubjectDeleted(SubjectDeleted {}),
+            None,
+            Some(subj("key:k_old")),
+        ),
+        (
             EventData::ModelGroupUpserted(mg(vec!["gpt-4o"])),
             None,
             None,
@@ -147,6 +152,7 @@ fn every_event() -> Vec<Envelope> {
         ),
         (
             EventData::CreditsAdjusted(CreditsAdjusted {
+                id: Some("w-1".into()),
                 op: CreditOp::Set,
                 amount: 10,
                 refill: Some(Refill {
@@ -289,12 +295,15 @@ fn request_fold_counts_each_settlement_once() {
     let mut view = RequestView::new("req-1");
     view.apply(&adm);
     assert_eq!(view.state, RequestState::Reserved);
-    let chunk = Envelope::new(
+    let mut chunk = Envelope::new(
         settled(false),
         t0(),
         Some("req-1".into()),
         Some(subj("key:k_1")),
     );
+    if let EventData::UsageSettled(d) = &mut chunk.data {
+        d.admission_id = Some(adm.id);
+    }
     view.apply(&chunk);
     view.apply(&chunk);
     assert_eq!(view.settled.cost, 900);
@@ -306,10 +315,20 @@ fn request_fold_counts_each_settlement_once() {
     );
     if let EventData::UsageSettled(d) = &mut last.data {
         d.settlement_id = "req-1:1".into();
+        d.admission_id = Some(adm.id);
     }
     view.apply(&last);
     assert_eq!(view.settled.cost, 1800);
     assert_eq!(view.state, RequestState::Settled);
     view.apply(&adm);
+    assert_eq!(view.settlements.len(), 2);
+    // A settlement of another decision for the same id is not this request's.
+    let mut other = last.clone();
+    other.id = Uuid::now_v7();
+    if let EventData::UsageSettled(d) = &mut other.data {
+        d.settlement_id = "req-1:2".into();
+        d.admission_id = Some(Uuid::now_v7());
+    }
+    view.apply(&other);
     assert_eq!(view.settlements.len(), 2);
 }

@@ -1,6 +1,8 @@
 //! Properties of the window math over many pseudo-random windows and instants (a fixed-seed
 //! generator, so a failure is reproducible): every instant lies in exactly one window, windows
-//! are contiguous, and each kind has the length it should (DST shifts included).
+//! are contiguous, and each kind has the length it should (DST shifts included). Instants carry
+//! fractions of a second, and periodic windows are probed on both sides of their anchor (SPEC v2
+//! §3: the window reported for t always contains t, floor division on the exact instant).
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use tally_events::window::WindowSpec;
@@ -42,13 +44,22 @@ impl Rng {
         self.next() % n
     }
     fn instant(&mut self) -> DateTime<Utc> {
-        // 2000-01-01 .. 2100-01-01, with second resolution.
+        // 2000-01-01 .. 2100-01-01, with nanosecond fractions (a quarter of them whole seconds).
         let from = Utc
             .with_ymd_and_hms(2000, 1, 1, 0, 0, 0)
             .unwrap()
             .timestamp();
         let span = 100 * 365 * 86_400;
-        DateTime::from_timestamp(from + self.below(span) as i64, 0).unwrap()
+        let nanos = match self.below(4) {
+            0 => 0,
+            _ => self.below(1_000_000_000) as u32,
+        };
+        DateTime::from_timestamp(from + self.below(span) as i64, nanos).unwrap()
+    }
+
+    fn minute(&mut self) -> DateTime<Utc> {
+        let t = self.instant();
+        DateTime::from_timestamp(t.timestamp().div_euclid(60) * 60, 0).unwrap()
     }
 }
 
@@ -70,9 +81,9 @@ fn random_window(r: &mut Rng) -> Window {
         }
         2 => Window::Periodic {
             every: format!("{}m", 1 + r.below(60 * 24 * 60)),
-            anchor: Some(r.instant()),
+            anchor: Some(r.minute()),
         },
-        _ => Window::Lifetime,
+        _ => Window::Lifetime {},
     }
 }
 
@@ -127,7 +138,7 @@ fn every_instant_lies_in_exactly_one_contiguous_window() {
         assert_eq!(spec.next_reset(t), Some(b.end));
         let next = spec.bounds(b.end).unwrap();
         assert_eq!(next.start, b.end, "contiguous forward: {w:?} at {t}");
-        let prev = spec.bounds(b.start - Duration::seconds(1)).unwrap();
+        let prev = spec.bounds(b.start - Duration::nanoseconds(1)).unwrap();
         assert_eq!(prev.end, b.start, "contiguous backward: {w:?} at {t}");
         // Any instant inside the window maps to the same window.
         let inside = b.start + (b.end - b.start) / 2;
@@ -146,5 +157,37 @@ fn rolling_windows_age_out_minute_by_minute() {
         let b = spec.bounds(t + Duration::minutes(1)).unwrap();
         assert_eq!(b.start - a.start, Duration::minutes(1));
         assert!(a.start > t - Duration::minutes(minutes), "(t − d, t]");
+    }
+}
+
+#[test]
+fn periodic_windows_contain_instants_on_both_sides_of_the_anchor() {
+    let mut r = Rng(0x0a9c_4041);
+    for _ in 0..CASES {
+        let every = 1 + r.below(60 * 24 * 3) as i64;
+        let anchor = r.minute();
+        let spec = WindowSpec::compile(
+            &Window::Periodic {
+                every: format!("{every}m"),
+                anchor: Some(anchor),
+            },
+            anchor,
+        )
+        .unwrap();
+        // Offsets up to three periods either way, in nanoseconds, plus the exact edges.
+        let span = 3 * every * 60_000_000_000;
+        let offset = r.below(2 * span as u64) as i64 - span;
+        for d in [offset, -1, -500_000_000, -999_999_999, 0, 1, 500_000_000] {
+            let t = anchor + Duration::nanoseconds(d);
+            let b = spec.bounds(t).unwrap();
+            assert!(
+                b.start <= t && t < b.end,
+                "every {every}m, anchor {anchor}, t {t}: {b:?}"
+            );
+            assert_eq!((b.end - b.start).num_minutes(), every);
+            let k = (b.start - anchor).num_minutes();
+            assert_eq!(k.rem_euclid(every), 0, "on the anchor's grid");
+            assert_eq!(k < 0, t < anchor, "windows before the anchor have k < 0");
+        }
     }
 }

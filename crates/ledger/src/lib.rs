@@ -7,12 +7,16 @@
 //!   in order, exactly once, when it returns.
 //! - [`writer`]: the ledger writer, a durable pull consumer that appends each batch to Postgres in
 //!   one transaction with its checkpoint and acks only after commit.
+//! - [`reader`]: every read of the ledger, decoded once; [`snapshots`]: the quota snapshot store.
 //! - [`MIGRATOR`]: the schema, applied by `tally migrate` and at start-up.
 
 pub mod error;
 pub mod publish;
+pub mod reader;
+pub mod snapshots;
 pub mod spool;
 pub mod stream;
+pub mod watermark;
 pub mod writer;
 
 pub use error::Error;

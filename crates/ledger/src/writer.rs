@@ -14,6 +14,7 @@ use futures::StreamExt;
 use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
 use tally_events::{Envelope, EventData, LedgerFacts};
 
+use crate::watermark::Watermark;
 use crate::{Error, Publisher, StreamSettings, stream};
 
 /// Most messages per batch/transaction: 20 bound columns × 1000 rows stays well under Postgres'
@@ -76,6 +77,8 @@ pub struct WriterStats {
     pub batches: AtomicU64,
     /// Checkpoint (last committed stream sequence).
     pub checkpoint: AtomicU64,
+    /// Contiguous watermark (every sequence at or below it is committed).
+    pub contiguous: AtomicU64,
 }
 
 /// The ledger writer.
@@ -91,7 +94,8 @@ pub struct LedgerWriter {
 struct Row {
     seq: u64,
     env: Envelope,
-    payload: serde_json::Value,
+    /// The message as published (valid UTF-8 JSON: it decoded), stored as `jsonb`.
+    payload: String,
 }
 
 struct Reject {
@@ -133,9 +137,12 @@ impl LedgerWriter {
     /// Consume until `shutdown` resolves or an unrecoverable error (the stream-behind alarm).
     #[tracing::instrument(skip_all, fields(stream = %self.stream.name, consumer = %self.settings.consumer))]
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
-        let consumer = self.consumer().await?;
+        let mut consumer = self.consumer().await?;
         let mut messages = self.messages(&consumer).await?;
         self.check_alarm().await?;
+        let stored = load_contiguous(&self.pool, &self.settings.consumer).await?;
+        let mut mark = Watermark::at(stored);
+        mark.raise_to(ack_floor(&mut consumer).await?);
         tokio::pin!(shutdown);
         let mut last_alarm_check = tokio::time::Instant::now();
         loop {
@@ -162,12 +169,20 @@ impl LedgerWriter {
                     Err(e) => tracing::warn!(error = %e, "stream/checkpoint check failed"),
                     Ok(()) => {}
                 }
+                if let Ok(floor) = ack_floor(&mut consumer).await {
+                    mark.raise_to(floor);
+                }
                 last_alarm_check = tokio::time::Instant::now();
             }
             if batch.is_empty() {
                 continue;
             }
-            self.commit_with_retry(&batch).await;
+            for m in &batch {
+                if let Ok(info) = m.info() {
+                    mark.note(info.stream_sequence);
+                }
+            }
+            self.commit_with_retry(&batch, mark.get()).await;
             ack_all(&batch).await;
         }
     }
@@ -248,11 +263,11 @@ impl LedgerWriter {
         Ok(())
     }
 
-    async fn commit_with_retry(&self, batch: &[Message]) {
+    async fn commit_with_retry(&self, batch: &[Message], contiguous: u64) {
         let (rows, rejects) = classify(batch);
         let mut backoff = RETRY_BACKOFF_MIN;
         loop {
-            match self.commit(&rows, &rejects).await {
+            match self.commit(&rows, &rejects, contiguous).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "batch not committed; retrying");
@@ -264,7 +279,7 @@ impl LedgerWriter {
     }
 
     #[tracing::instrument(skip_all, fields(rows = rows.len(), rejects = rejects.len()))]
-    async fn commit(&self, rows: &[Row], rejects: &[Reject]) -> Result<(), Error> {
+    async fn commit(&self, rows: &[Row], rejects: &[Reject], contiguous: u64) -> Result<(), Error> {
         for r in rejects {
             self.dead_letter(r).await?;
         }
@@ -282,8 +297,13 @@ impl LedgerWriter {
             .await?;
         let appended = insert_rows(&mut tx, rows).await?;
         insert_rejects(&mut tx, &self.stream.name, rejects).await?;
-        let checkpoint =
-            save_checkpoint(&mut tx, &self.settings.consumer, &self.stream.name, max_seq).await?;
+        let checkpoint = save_checkpoint(
+            &mut tx,
+            &self.settings.consumer,
+            &self.stream.name,
+            (max_seq, contiguous),
+        )
+        .await?;
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(LEDGER_NOTIFY_CHANNEL)
             .bind(checkpoint.to_string())
@@ -297,6 +317,7 @@ impl LedgerWriter {
         s.rejects.fetch_add(rejects.len() as u64, Ordering::Relaxed);
         s.batches.fetch_add(1, Ordering::Relaxed);
         s.checkpoint.store(checkpoint, Ordering::Relaxed);
+        s.contiguous.store(contiguous, Ordering::Relaxed);
         Ok(())
     }
 
@@ -315,12 +336,14 @@ fn classify(batch: &[Message]) -> (Vec<Row>, Vec<Reject>) {
     let mut rows = Vec::with_capacity(batch.len());
     let mut rejects = Vec::new();
     for m in batch {
-        let seq = m
-            .info()
-            .map(|i| i.stream_sequence)
-            .expect("a JetStream message has info");
+        // A pull consumer's messages always carry their stream sequence; one that does not
+        // cannot be placed in the ledger, and is reported rather than trusted.
+        let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+            tracing::error!(subject = %m.subject, "a message without JetStream metadata; not stored");
+            continue;
+        };
         let decoded = Envelope::decode(&m.payload).and_then(|env| {
-            serde_json::from_slice(&m.payload)
+            String::from_utf8(m.payload.to_vec())
                 .map(|p| (env, p))
                 .map_err(|e| tally_events::Error::Malformed {
                     field: None,
@@ -357,7 +380,7 @@ async fn insert_rows(tx: &mut Transaction<'_, Postgres>, rows: &[Row]) -> Result
     let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
         "INSERT INTO ledger (event_id, stream_seq, event_type, schema_version, occurred_at, window_at, \
          request_id, settlement_id, subject, chain, model, model_group, requests, input_tokens, \
-         output_tokens, cost, credits, counted_in_key_global, counted_in_user_global, payload) ",
+         output_tokens, cost, credits, counted_in_key_global, counted_in_user_global, payload, admission_id) ",
     );
     qb.push_values(rows, |mut b, r| {
         let f = LedgerFacts::of(&r.env);
@@ -384,10 +407,13 @@ async fn insert_rows(tx: &mut Transaction<'_, Postgres>, rows: &[Row]) -> Result
             .push_bind(f.amounts.credits)
             .push_bind(f.counted_in_key_global)
             .push_bind(f.counted_in_user_global)
-            .push_bind(&r.payload);
+            .push_bind(&r.payload)
+            .push_unseparated("::jsonb")
+            .push_bind(f.admission_id);
     });
     // No conflict target: a redelivered event (same event_id) and a retried settlement (same
-    // request_id + settlement_id, ledger_settlement_once) are both the same fact, appended once.
+    // request, admission and settlement id, ledger_settlement_once) are both the same fact,
+    // appended once.
     qb.push(" ON CONFLICT DO NOTHING");
     Ok(qb.build().execute(&mut **tx).await?.rows_affected())
 }
@@ -424,23 +450,45 @@ pub async fn load_checkpoint(pool: &PgPool, consumer: &str) -> Result<u64, Error
     Ok(seq.unwrap_or(0) as u64)
 }
 
+/// The contiguous watermark stored for `consumer` (0 when it never committed).
+pub async fn load_contiguous(pool: &PgPool, consumer: &str) -> Result<u64, Error> {
+    let seq: Option<i64> =
+        sqlx::query_scalar("SELECT contiguous_seq FROM consumer_checkpoints WHERE consumer = $1")
+            .bind(consumer)
+            .fetch_optional(pool)
+            .await?;
+    Ok(seq.unwrap_or(0).max(0) as u64)
+}
+
+/// JetStream's ack floor of the writer's durable consumer.
+async fn ack_floor(
+    consumer: &mut jetstream::consumer::Consumer<pull::Config>,
+) -> Result<u64, Error> {
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| Error::JetStream(e.to_string()))?;
+    Ok(info.ack_floor.stream_sequence)
+}
+
 async fn save_checkpoint(
     tx: &mut Transaction<'_, Postgres>,
     consumer: &str,
     stream: &str,
-    seq: u64,
+    (seq, contiguous): (u64, u64),
 ) -> Result<u64, Error> {
-    // GREATEST: a batch of redeliveries must never move the checkpoint backwards.
+    // GREATEST: a batch of redeliveries must never move either mark backwards.
     let saved: i64 = sqlx::query_scalar(
-        "INSERT INTO consumer_checkpoints (consumer, stream, last_seq) VALUES ($1, $2, $3) \
+        "INSERT INTO consumer_checkpoints (consumer, stream, last_seq, contiguous_seq) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (consumer) DO UPDATE SET last_seq = GREATEST(consumer_checkpoints.last_seq, EXCLUDED.last_seq), \
+         contiguous_seq = GREATEST(consumer_checkpoints.contiguous_seq, EXCLUDED.contiguous_seq), \
          updated_at = clock_timestamp() RETURNING last_seq",
     )
     .bind(consumer)
     .bind(stream)
-    .bind(seq as i64)
+    .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+    .bind(i64::try_from(contiguous).unwrap_or(i64::MAX))
     .fetch_one(&mut **tx)
     .await?;
-    assert!(saved as u64 >= seq, "checkpoint moved backwards");
-    Ok(saved as u64)
+    Ok(saved.max(0) as u64)
 }

@@ -6,6 +6,9 @@ pub enum Error {
     /// A database call failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// Reading the ledger or the snapshot store failed.
+    #[error(transparent)]
+    Ledger(#[from] tally_ledger::Error),
     /// A ledger row's payload no longer decodes (the ledger only holds validated events, so this
     /// means the reader is older than the writer).
     #[error("ledger row at pos {pos} does not decode: {source}")]
@@ -15,6 +18,12 @@ pub enum Error {
         /// The decode error.
         source: tally_events::Error,
     },
+    /// Another process holds what this needed (e.g. a rebuild of the same projection runs).
+    #[error("busy: {0}")]
+    Busy(String),
+    /// A projection's tables are being built; reads of them are not yet possible.
+    #[error("projection `{0}` is being built")]
+    Building(&'static str),
     /// A read asked for something out of bounds (e.g. too many buckets).
     #[error("invalid `{field}`: {message}")]
     InvalidQuery {

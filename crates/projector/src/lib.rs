@@ -5,12 +5,19 @@
 //! rows together with the projection's checkpoint in one transaction, so a projection can be
 //! dropped and rebuilt, or a new one added, without touching the others.
 
+pub mod claims;
+pub mod daily_usage;
 pub mod error;
 pub mod quota;
+mod quota_rows;
+pub mod rebuild;
+pub mod registry;
 pub mod runner;
+pub mod tables;
 pub mod usage;
 
 pub use error::Error;
-pub use quota::QuotaProjection;
-pub use runner::{Projection, Projector, ProjectorStats};
+pub use quota::{QuotaProjection, QuotaSettings};
+pub use runner::{Order, Projection, Projector, ProjectorStats};
+pub use tables::Tables;
 pub use usage::{Granularity, UsageProjection, UsageSeries, usage_series};

@@ -1,79 +1,211 @@
 //! The `quota` projection: configuration tables (subjects, model groups, policies, grants, credit
 //! balances) and per-window totals and exhaustion states of every pool a request touched, folded
 //! by the same [`QuotaState`] the API decides with, so the tables and the live decisions agree.
+//!
+//! It folds in stream order (ADR 0005) and is also the snapshot writer: every
+//! [`QuotaSettings::snapshot_every_events`] events or [`QuotaSettings::snapshot_interval`],
+//! whichever first, it writes its state, tagged with the stream sequence it covers, to the
+//! snapshot store. When it starts (or after a failed batch) it loads the newest snapshot at or
+//! below its checkpoint and folds only the rows after it: no re-fold of history in one
+//! transaction, ever.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
-use tally_events::quota::{AdmitRequest, CREDITS_CHECK, QuotaState};
-use tally_events::{Envelope, EventData, Subject, Usage};
+use chrono::Utc;
+use sqlx::{PgConnection, PgPool};
+use tally_events::Envelope;
+use tally_events::quota::{QuotaState, horizons};
 
 use crate::Error;
-use crate::runner::{ApplyFuture, Projection, decode_rows};
+use crate::claims::{Claim, ClaimsFuture, DayRange};
+use crate::quota_rows::{Rows, Touched, WindowRows, window_rows};
+use crate::runner::{ApplyFuture, Order, Projection};
+use crate::tables::Tables;
 
-/// Ledger rows read per round trip while rebuilding the in-memory state.
-const REBUILD_PAGE_ROWS: i64 = 10_000;
+/// Subjects compacted after each batch: bounds the time the state is locked for it.
+pub const COMPACT_SUBJECTS_PER_BATCH: usize = 2_000;
+
+/// What the quota projection needs to know beyond the ledger.
+#[derive(Clone, Debug)]
+pub struct QuotaSettings {
+    /// The stream whose snapshots it writes and reads.
+    pub stream: String,
+    /// Write a snapshot after this many events (0: never).
+    pub snapshot_every_events: u64,
+    /// … or after this long, whichever first (if any event was folded since).
+    pub snapshot_interval: Duration,
+    /// How far back admissions may name `at` (compaction keeps what windows there need).
+    pub max_backfill: Duration,
+    /// Reservation TTL (requests closed longer ago than twice this are forgotten).
+    pub reservation_ttl: Duration,
+}
+
+impl QuotaSettings {
+    /// Defaults for `stream`.
+    pub fn for_stream(stream: &str) -> Self {
+        QuotaSettings {
+            stream: stream.to_owned(),
+            snapshot_every_events: 100_000,
+            snapshot_interval: Duration::from_secs(300),
+            max_backfill: Duration::from_secs(35 * 86_400),
+            reservation_ttl: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+struct Folded {
+    /// The stream sequence the state reflects (None while a batch is in flight or after a failed
+    /// one: the next batch reloads).
+    at: Option<i64>,
+    q: QuotaState,
+    since_snapshot: u64,
+    last_snapshot: Instant,
+}
 
 /// The quota projection (name `quota`).
-#[derive(Default)]
 pub struct QuotaProjection {
-    /// The fold, and the ledger position it reflects (None while a batch is in flight or after
-    /// a failed one: the next batch rebuilds).
-    state: Mutex<(Option<i64>, QuotaState)>,
+    pool: PgPool,
+    settings: QuotaSettings,
+    /// Live: starts from snapshots and writes them. A rebuild folds from the first row and
+    /// writes none.
+    snapshots: bool,
+    state: Mutex<Folded>,
 }
 
-/// What a batch touched.
-#[derive(Default)]
-struct Touched {
-    subjects: BTreeSet<Subject>,
-    model_groups: BTreeSet<String>,
-    policies: BTreeSet<String>,
-    grants: BTreeSet<String>,
-    credits: BTreeSet<Subject>,
-    /// (leaf, model, window time): pools to recompute.
-    requests: Vec<(Subject, Option<String>, DateTime<Utc>)>,
-}
+impl QuotaProjection {
+    /// The live projection over `pool` with `settings`.
+    pub fn new(pool: PgPool, settings: QuotaSettings) -> Self {
+        Self::with_snapshots(pool, settings, true)
+    }
 
-impl Touched {
-    fn note(&mut self, env: &Envelope) {
-        let subject = env.subject.clone();
-        match &env.data {
-            EventData::SubjectUpserted(_) => self.subjects.extend(subject),
-            EventData::ModelGroupUpserted(d) | EventData::ModelGroupDeleted(d) => {
-                self.model_groups.insert(d.name.clone());
-            }
-            EventData::PolicyUpserted(d) => {
-                self.policies.insert(d.policy_id.clone());
-            }
-            EventData::PolicyDeleted(d) => {
-                self.policies.insert(d.id.clone());
-            }
-            EventData::GrantIssued(d) => {
-                self.grants.insert(d.grant_id.clone());
-            }
-            EventData::GrantRevoked(d) => {
-                self.grants.insert(d.id.clone());
-            }
-            EventData::CreditsAdjusted(_) => self.credits.extend(subject),
-            EventData::WindowReset(r) => self.requests.push((r.subject.clone(), None, r.at)),
-            EventData::AdmissionDecided(a) => {
-                self.credits.extend(a.chain.iter().cloned());
-                if let Some(leaf) = a.chain.first() {
-                    self.requests
-                        .push((leaf.clone(), a.model.clone(), env.occurred_at));
-                }
-            }
-            EventData::UsageSettled(d) => {
-                self.credits.extend(d.chain.iter().cloned());
-                if let Some(leaf) = d.chain.first() {
-                    self.requests
-                        .push((leaf.clone(), d.model.clone(), d.window_at));
-                }
-            }
-            _ => {}
+    /// A projection that folds from the first ledger row and never reads or writes snapshots
+    /// (a rebuild: its tables must be a recomputation from the ledger alone).
+    pub fn rebuilding(pool: PgPool, settings: QuotaSettings) -> Self {
+        Self::with_snapshots(pool, settings, false)
+    }
+
+    /// [`QuotaProjection::new`] or, when `rebuilding`, [`QuotaProjection::rebuilding`].
+    pub fn with(pool: PgPool, settings: QuotaSettings, rebuilding: bool) -> Self {
+        Self::with_snapshots(pool, settings, !rebuilding)
+    }
+
+    fn with_snapshots(pool: PgPool, settings: QuotaSettings, snapshots: bool) -> Self {
+        QuotaProjection {
+            pool,
+            settings,
+            snapshots,
+            state: Mutex::new(Folded {
+                at: None,
+                q: QuotaState::default(),
+                since_snapshot: 0,
+                last_snapshot: Instant::now(),
+            }),
         }
+    }
+
+    /// How long a request id names one request: twice the reservation TTL.
+    fn idempotency(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.settings.reservation_ttl * 2)
+            .unwrap_or(chrono::Duration::MAX)
+    }
+
+    fn folded(&self) -> std::sync::MutexGuard<'_, Folded> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state as of stream sequence `upto`: the newest usable snapshot at or below it, then
+    /// the ledger rows after it, read in pages (no long transaction).
+    async fn load(&self, upto: i64) -> Result<(QuotaState, u64), Error> {
+        let upto = u64::try_from(upto).unwrap_or(0);
+        let loaded = if self.snapshots {
+            tally_ledger::snapshots::load_newest(&self.pool, &self.settings.stream, upto).await?
+        } else {
+            tally_ledger::snapshots::Loaded {
+                snapshot: None,
+                skipped: Vec::new(),
+            }
+        };
+        let (mut q, from) = match loaded.snapshot {
+            Some((s, q)) => (q, s.stream_seq.max(0) as u64),
+            None => (QuotaState::default(), 0),
+        };
+        q.set_idempotency(self.idempotency());
+        let p = tally_ledger::reader::fold_by_seq(
+            &self.pool,
+            from,
+            upto.saturating_add(1),
+            |page, _| {
+                for (_, env) in page {
+                    q.apply(env);
+                }
+                q.prune();
+            },
+        )
+        .await?;
+        tracing::info!(
+            snapshot_seq = from,
+            rows = p.rows,
+            rows_per_s = p.rows_per_s as u64,
+            upto,
+            "quota projection state loaded"
+        );
+        Ok((q, upto.saturating_sub(from)))
+    }
+
+    /// Write a snapshot when one is due; compact a slice of the state either way.
+    async fn maintain(&self) -> Result<(), Error> {
+        let due = {
+            let mut f = self.folded();
+            let s = &self.settings;
+            let now = Utc::now();
+            let backfill =
+                chrono::Duration::from_std(s.max_backfill).unwrap_or(chrono::Duration::MAX);
+            let h = horizons(&f.q.config, now, backfill);
+            let floor = now.checked_sub_signed(backfill).unwrap_or(now);
+            f.q.compact(&h, floor, COMPACT_SUBJECTS_PER_BATCH);
+            f.q.prune();
+            let due = self.snapshots
+                && s.snapshot_every_events > 0
+                && f.since_snapshot > 0
+                && (f.since_snapshot >= s.snapshot_every_events
+                    || f.last_snapshot.elapsed() >= s.snapshot_interval);
+            match (due, f.at) {
+                (true, Some(at)) => {
+                    let seq = at.max(0) as u64;
+                    f.since_snapshot = 0;
+                    f.last_snapshot = Instant::now();
+                    Some((seq, f.q.encode_snapshot(seq, now)))
+                }
+                _ => None,
+            }
+        };
+        if let Some((seq, bytes)) = due {
+            let meta = QuotaState::snapshot_meta(&bytes).map_err(|e| Error::InvalidQuery {
+                field: "snapshot",
+                message: e.to_string(),
+            })?;
+            let started = Instant::now();
+            let id = tally_ledger::snapshots::write(
+                &self.pool,
+                &self.settings.stream,
+                seq,
+                meta.format,
+                meta.checksum,
+                meta.taken_at,
+                &bytes,
+            )
+            .await?;
+            tracing::info!(
+                snapshot = id,
+                stream_seq = seq,
+                size = bytes.len(),
+                write_ms = started.elapsed().as_millis() as u64,
+                "quota snapshot written"
+            );
+        }
+        Ok(())
     }
 }
 
@@ -82,330 +214,106 @@ impl Projection for QuotaProjection {
         "quota"
     }
 
-    fn prepare<'a>(&'a self, tx: &'a mut PgConnection, from: i64) -> ApplyFuture<'a> {
+    fn order(&self) -> Order {
+        Order::StreamSeq
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &[
+            "cfg_subjects",
+            "cfg_model_groups",
+            "cfg_policies",
+            "cfg_grants",
+            "credit_balances",
+            "quota_windows",
+        ]
+    }
+
+    fn schema(&self) -> &'static str {
+        include_str!("quota.sql")
+    }
+
+    fn volatile_columns(&self) -> &'static [&'static str] {
+        &["updated_at"]
+    }
+
+    fn prepare<'a>(&'a self, from: i64) -> ApplyFuture<'a> {
         Box::pin(async move {
-            if self.state.lock().expect("quota projection lock").0 == Some(from) {
+            if self.folded().at == Some(from) {
                 return Ok(());
             }
-            let rebuilt = rebuild(tx, from).await?;
-            *self.state.lock().expect("quota projection lock") = (None, rebuilt);
+            let (mut loaded, unsnapshotted) = self.load(from).await?;
+            loaded.set_idempotency(self.idempotency());
+            let mut f = self.folded();
+            f.q = loaded;
+            f.at = Some(from);
+            // Events folded since the newest snapshot count towards the next one (after a
+            // rebuild built the tables there may be no snapshot at all yet).
+            f.since_snapshot = unsnapshotted;
             Ok(())
         })
     }
 
-    fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a [Envelope]) -> ApplyFuture<'a> {
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        tables: Tables,
+        events: &'a [Envelope],
+    ) -> ApplyFuture<'a> {
         Box::pin(async move {
             let mut touched = Touched::default();
             let rows = {
-                let mut guard = self.state.lock().expect("quota projection lock");
-                guard.0 = None;
+                let mut guard = self.folded();
+                guard.at = None;
+                guard.since_snapshot += events.len() as u64;
+                let q = &mut guard.q;
                 let mut windows = WindowRows::default();
                 for env in events {
-                    guard.1.apply(env);
+                    q.apply(env);
                     let before = touched.requests.len();
                     touched.note(env);
                     // Pools are computed right after the event that touched them, so the first
                     // event that exhausts a window is the one recorded, not the batch's last.
                     for r in &touched.requests[before..] {
-                        windows.merge(window_rows(&guard.1, std::slice::from_ref(r)));
+                        windows.merge(window_rows(q, r));
                     }
                 }
-                let mut rows = Rows::of(&guard.1, &touched);
-                rows.windows = windows.0.into_values().collect();
-                rows
+                Rows::of(q, &touched, windows)
             };
-            rows.write(tx).await
+            rows.write(tx, tables).await
+        })
+    }
+
+    fn claims<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        tables: Tables,
+        _range: DayRange,
+    ) -> ClaimsFuture<'a> {
+        Box::pin(async move {
+            // Calendar and periodic windows (keyed by their start) and lifetime windows (no
+            // bounds); rolling rows show the window of their last update, which moves.
+            let table = tables.name("quota_windows");
+            let rows: Vec<(String, String, Option<chrono::DateTime<Utc>>, i64)> =
+                sqlx::query_as(&format!(
+                    "SELECT policy_id, subject, window_start, used FROM {table} \
+                     WHERE window_key > '-infinity' OR window_start IS NULL"
+                ))
+                .fetch_all(&mut *tx)
+                .await?;
+            let rows: BTreeMap<_, _> = rows
+                .into_iter()
+                .map(|(p, s, w, u)| ((p, s, w), u))
+                .collect();
+            Ok(vec![Claim::PoolUsed { table, rows }])
         })
     }
 
     fn committed(&self, to: i64) {
-        self.state.lock().expect("quota projection lock").0 = Some(to);
+        self.folded().at = Some(to);
     }
-}
 
-/// The state as of ledger position `upto`, folded from the first row.
-async fn rebuild(tx: &mut PgConnection, upto: i64) -> Result<QuotaState, Error> {
-    let mut state = QuotaState::default();
-    let mut after = 0i64;
-    while after < upto {
-        let rows: Vec<(i64, serde_json::Value)> = sqlx::query_as(
-            "SELECT pos, payload FROM ledger WHERE pos > $1 AND pos <= $2 ORDER BY pos LIMIT $3",
-        )
-        .bind(after)
-        .bind(upto)
-        .bind(REBUILD_PAGE_ROWS)
-        .fetch_all(&mut *tx)
-        .await?;
-        let Some(&(last, _)) = rows.last() else { break };
-        for env in decode_rows(&rows)? {
-            state.apply(&env);
-        }
-        after = last;
+    fn after_commit<'a>(&'a self) -> ApplyFuture<'a> {
+        Box::pin(self.maintain())
     }
-    Ok(state)
-}
-
-/// A credit balance row: subject, balance, refill schedule, last refill.
-type CreditRow = (
-    String,
-    i64,
-    Option<serde_json::Value>,
-    Option<DateTime<Utc>>,
-);
-
-/// Rows to write, computed under the lock and written after it.
-#[derive(Default)]
-struct Rows {
-    subjects: Vec<(String, Option<String>, Vec<String>, bool)>,
-    absent_subjects: Vec<String>,
-    model_groups: Vec<(String, Option<Vec<String>>)>,
-    policies: Vec<(String, Option<serde_json::Value>)>,
-    grants: Vec<(String, Option<serde_json::Value>)>,
-    credits: Vec<CreditRow>,
-    windows: Vec<WindowRow>,
-}
-
-struct WindowRow {
-    policy_id: String,
-    subject: String,
-    window_key: Option<DateTime<Utc>>,
-    start: Option<DateTime<Utc>>,
-    end: Option<DateTime<Utc>>,
-    metric: String,
-    limit: i64,
-    used: i64,
-    on_exhausted: String,
-    /// Event time of the first event in the batch that found the window exhausted.
-    exhausted_at: Option<DateTime<Utc>>,
-}
-
-type WindowKey = (String, String, Option<DateTime<Utc>>);
-
-/// Latest totals per pool and window in a batch, keeping the first exhaustion time.
-#[derive(Default)]
-struct WindowRows(std::collections::BTreeMap<WindowKey, WindowRow>);
-
-impl WindowRows {
-    fn merge(&mut self, rows: Vec<WindowRow>) {
-        for mut row in rows {
-            let key = (row.policy_id.clone(), row.subject.clone(), row.window_key);
-            if let Some(old) = self.0.get(&key) {
-                row.exhausted_at = row.exhausted_at.and(old.exhausted_at.or(row.exhausted_at));
-            }
-            self.0.insert(key, row);
-        }
-    }
-}
-
-fn text<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
-impl Rows {
-    fn of(state: &QuotaState, t: &Touched) -> Rows {
-        let mut rows = Rows::default();
-        for s in &t.subjects {
-            match state.config.subject(s) {
-                Some(c) => rows.subjects.push((
-                    s.to_string(),
-                    c.parent.as_ref().map(|p| p.to_string()),
-                    c.groups.clone(),
-                    c.disabled,
-                )),
-                None => rows.absent_subjects.push(s.to_string()),
-            }
-        }
-        for g in &t.model_groups {
-            let models = state.config.model_group(g).map(<[String]>::to_vec);
-            rows.model_groups.push((g.clone(), models));
-        }
-        for id in &t.policies {
-            let p = state.config.policy(id).map(|p| {
-                let mut v = serde_json::to_value(&p.data).unwrap_or_default();
-                v["created_at"] = serde_json::json!(p.created_at);
-                v
-            });
-            rows.policies.push((id.clone(), p));
-        }
-        for id in &t.grants {
-            let g = state
-                .config
-                .grant(id)
-                .and_then(|g| serde_json::to_value(g).ok());
-            rows.grants.push((id.clone(), g));
-        }
-        for s in &t.credits {
-            if let Some(a) = state.account(s) {
-                let refill = a.refill.and_then(|r| serde_json::to_value(r).ok());
-                rows.credits
-                    .push((s.to_string(), a.balance, refill, a.last_refill));
-            }
-        }
-        rows
-    }
-}
-
-/// Every pool an admission of (leaf, model) at t would check, with its totals at t.
-fn window_rows(
-    state: &QuotaState,
-    requests: &[(Subject, Option<String>, DateTime<Utc>)],
-) -> Vec<WindowRow> {
-    let mut out = Vec::new();
-    for (leaf, model, at) in requests {
-        let d = state.decide(&AdmitRequest {
-            leaf,
-            model: model.as_deref(),
-            estimate: Usage::default(),
-            credits: Some(0),
-            at: *at,
-        });
-        for c in d.checks.iter().filter(|c| c.policy_id != CREDITS_CHECK) {
-            let Some(p) = state.config.policy(&c.policy_id) else {
-                continue;
-            };
-            let windowed = matches!(p.spec.kind(), "calendar" | "periodic");
-            out.push(WindowRow {
-                policy_id: c.policy_id.clone(),
-                subject: c.subject.to_string(),
-                window_key: if windowed {
-                    c.window.map(|w| w.start)
-                } else {
-                    None
-                },
-                start: c.window.map(|w| w.start),
-                end: c.window.map(|w| w.end),
-                metric: text(&c.metric),
-                limit: c.limit,
-                used: c.used,
-                on_exhausted: text(&p.data.on_exhausted),
-                exhausted_at: (c.used >= c.limit).then_some(*at),
-            });
-        }
-    }
-    out
-}
-
-impl Rows {
-    async fn write(self, tx: &mut PgConnection) -> Result<(), Error> {
-        let now = Utc::now();
-        for (s, parent, groups, disabled) in self.subjects {
-            sqlx::query(
-                "INSERT INTO cfg_subjects (subject, parent, groups, disabled, updated_at) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (subject) DO UPDATE SET parent = $2, groups = $3, disabled = $4, updated_at = $5",
-            )
-            .bind(s).bind(parent).bind(groups).bind(disabled).bind(now)
-            .execute(&mut *tx).await?;
-        }
-        for s in self.absent_subjects {
-            sqlx::query("DELETE FROM cfg_subjects WHERE subject = $1")
-                .bind(s)
-                .execute(&mut *tx)
-                .await?;
-        }
-        for (name, models) in self.model_groups {
-            match models {
-                Some(m) => sqlx::query(
-                    "INSERT INTO cfg_model_groups (name, models, updated_at) VALUES ($1, $2, $3) \
-                     ON CONFLICT (name) DO UPDATE SET models = $2, updated_at = $3",
-                )
-                .bind(name)
-                .bind(m)
-                .bind(now),
-                None => sqlx::query("DELETE FROM cfg_model_groups WHERE name = $1").bind(name),
-            }
-            .execute(&mut *tx)
-            .await?;
-        }
-        for (id, p) in self.policies {
-            write_policy(tx, &id, p, now).await?;
-        }
-        for (id, g) in self.grants {
-            write_grant(tx, &id, g).await?;
-        }
-        for (s, balance, refill, last) in self.credits {
-            sqlx::query(
-                "INSERT INTO credit_balances (subject, balance, refill, last_refill, updated_at) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (subject) DO UPDATE SET balance = $2, refill = $3, last_refill = $4, updated_at = $5",
-            )
-            .bind(s).bind(balance).bind(refill).bind(last).bind(now)
-            .execute(&mut *tx).await?;
-        }
-        for w in self.windows {
-            write_window(tx, w).await?;
-        }
-        Ok(())
-    }
-}
-
-async fn write_policy(
-    tx: &mut PgConnection,
-    id: &str,
-    p: Option<serde_json::Value>,
-    now: DateTime<Utc>,
-) -> Result<(), Error> {
-    let Some(p) = p else {
-        sqlx::query("DELETE FROM cfg_policies WHERE policy_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        return Ok(());
-    };
-    sqlx::query(
-        "INSERT INTO cfg_policies (policy_id, subject, model_group, metric, \"limit\", \"window\", boundary, \
-           on_exhausted, enabled, created_at, updated_at) \
-         SELECT $1, p->>'subject', p->>'model_group', p->>'metric', (p->>'limit')::bigint, p->'window', \
-           p->>'boundary', p->>'on_exhausted', (p->>'enabled')::boolean, (p->>'created_at')::timestamptz, $3 \
-         FROM (SELECT $2::jsonb AS p) t \
-         ON CONFLICT (policy_id) DO UPDATE SET subject = EXCLUDED.subject, model_group = EXCLUDED.model_group, \
-           metric = EXCLUDED.metric, \"limit\" = EXCLUDED.\"limit\", \"window\" = EXCLUDED.\"window\", \
-           boundary = EXCLUDED.boundary, on_exhausted = EXCLUDED.on_exhausted, enabled = EXCLUDED.enabled, \
-           updated_at = EXCLUDED.updated_at",
-    )
-    .bind(id).bind(p).bind(now)
-    .execute(&mut *tx).await?;
-    Ok(())
-}
-
-async fn write_grant(
-    tx: &mut PgConnection,
-    id: &str,
-    g: Option<serde_json::Value>,
-) -> Result<(), Error> {
-    let Some(g) = g else {
-        sqlx::query("DELETE FROM cfg_grants WHERE grant_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        return Ok(());
-    };
-    sqlx::query(
-        "INSERT INTO cfg_grants (grant_id, subject, model_group, metric, amount, window_kind, starts_at, expires_at) \
-         SELECT $1, g->>'subject', g->>'model_group', g->>'metric', (g->>'amount')::bigint, g->>'window_kind', \
-           (g->>'starts_at')::timestamptz, (g->>'expires_at')::timestamptz \
-         FROM (SELECT $2::jsonb AS g) t ON CONFLICT (grant_id) DO NOTHING",
-    )
-    .bind(id).bind(g)
-    .execute(&mut *tx).await?;
-    Ok(())
-}
-
-async fn write_window(tx: &mut PgConnection, w: WindowRow) -> Result<(), Error> {
-    let exhausted = w.exhausted_at.is_some();
-    sqlx::query(
-        "INSERT INTO quota_windows (policy_id, subject, window_key, window_start, window_end, metric, \"limit\", used, \
-           on_exhausted, exhausted_at, updated_at) \
-         VALUES ($1, $2, COALESCE($3, '-infinity'::timestamptz), $4, $5, $6, $7, $8, $9, CASE WHEN $10 THEN $11 END, clock_timestamp()) \
-         ON CONFLICT (policy_id, subject, window_key) DO UPDATE SET window_start = $4, window_end = $5, \
-           \"limit\" = $7, used = $8, on_exhausted = $9, \
-           exhausted_at = CASE WHEN $10 THEN COALESCE(quota_windows.exhausted_at, $11) END, \
-           updated_at = clock_timestamp()",
-    )
-    .bind(w.policy_id).bind(w.subject).bind(w.window_key).bind(w.start).bind(w.end)
-    .bind(w.metric).bind(w.limit).bind(w.used).bind(w.on_exhausted).bind(exhausted).bind(w.exhausted_at)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
 }

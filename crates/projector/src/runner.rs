@@ -1,4 +1,9 @@
 //! The projection runner: tail the ledger, fold, write rows and checkpoint in one transaction.
+//!
+//! A runner works on one projection's live tables, or on its rebuild tables (`tally replay`, a
+//! new or changed projection): the [`Tables`] it is given decide which, and which checkpoint row
+//! it keeps. Before following, a live runner makes sure the live tables exist at the projection's
+//! version; if not, it builds them from the first ledger row (`rebuild.rs`) and swaps them in.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,6 +16,8 @@ use sqlx::{PgConnection, PgPool};
 use tally_events::Envelope;
 
 use crate::Error;
+use crate::claims::{ClaimsFuture, DayRange};
+use crate::tables::Tables;
 
 /// Ledger rows folded per transaction: big enough to amortize the commit, small enough that a
 /// rebuild shows progress and holds no long transaction.
@@ -24,44 +31,100 @@ pub const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 /// Boxed future returned by [`Projection::apply`].
 pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>>;
 
-/// A projection: its name (also its checkpoint's key) and how a batch of events is applied.
+/// The order a projection folds the ledger in, and what its checkpoint counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// Commit order (`ledger.pos`): for folds whose result does not depend on order (sums).
+    Pos,
+    /// Stream order (`ledger.stream_seq`), up to the writer's contiguous watermark: for folds
+    /// that must see events as the stream recorded them (configuration before admissions).
+    StreamSeq,
+}
+
+/// A projection: one unit of code (SPEC v2 §8) — its name, its tables and their DDL, a pure fold
+/// of ledger events into rows, and the totals it claims for the audit. [`crate::registry`] is the
+/// only list of them.
 pub trait Projection: Send + Sync + 'static {
-    /// Unique name, e.g. `usage`.
+    /// Unique name, e.g. `usage` (also its checkpoint's key).
     fn name(&self) -> &'static str;
-    /// Fold `events` (in ledger order) and write the result inside the caller's transaction.
-    fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a [Envelope]) -> ApplyFuture<'a>;
-    /// Called before [`Projection::apply`] with the checkpoint the batch starts after, in the
-    /// same transaction: a projection that keeps state in memory rebuilds it here when it does
-    /// not reflect exactly `from`.
-    fn prepare<'a>(&'a self, _tx: &'a mut PgConnection, _from: i64) -> ApplyFuture<'a> {
+    /// Change it when the tables or the fold change (or a setting the rows depend on, such as a
+    /// time zone): a live runner finding its tables at another version rebuilds them from the
+    /// first ledger row and swaps them in.
+    fn version(&self) -> String {
+        "1".to_owned()
+    }
+    /// The order it folds in; its checkpoint is a `pos` or a `stream_seq` accordingly.
+    fn order(&self) -> Order {
+        Order::Pos
+    }
+    /// The tables it owns (unqualified names).
+    fn tables(&self) -> &'static [&'static str];
+    /// DDL creating them, each name written `{schema}.<table>`.
+    fn schema(&self) -> &'static str;
+    /// Columns that record when a row was written rather than a fact (left out of comparisons).
+    fn volatile_columns(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Fold `events` (in its order) and write the result to `tables` inside the transaction.
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        tables: Tables,
+        events: &'a [Envelope],
+    ) -> ApplyFuture<'a>;
+    /// Called before [`Projection::apply`] with the checkpoint the batch starts after: a
+    /// projection that keeps state in memory makes sure it reflects exactly `from`.
+    fn prepare<'a>(&'a self, _from: i64) -> ApplyFuture<'a> {
         Box::pin(async { Ok(()) })
     }
     /// Called once the batch ending at `to` is committed.
     fn committed(&self, _to: i64) {}
+    /// Called after [`Projection::committed`], outside any transaction: periodic work such as
+    /// writing a snapshot.
+    fn after_commit<'a>(&'a self) -> ApplyFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+    /// The totals its `tables` show, read in the caller's transaction, for the audit.
+    fn claims<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        tables: Tables,
+        range: DayRange,
+    ) -> ClaimsFuture<'a>;
 }
 
 /// Counters for `/metrics` and `/readyz`.
 #[derive(Debug, Default)]
 pub struct ProjectorStats {
-    /// Checkpoint (`ledger.pos`).
+    /// Checkpoint (`ledger.pos`, or `stream_seq` for stream-ordered projections).
     pub checkpoint: AtomicI64,
     /// Events folded.
     pub events: AtomicU64,
 }
 
-/// Runs one projection.
+/// Makes the instance that builds a projection's tables from the first ledger row.
+pub type Fresh = Arc<dyn Fn() -> Arc<dyn Projection> + Send + Sync>;
+
+/// Runs one projection on one set of tables.
 pub struct Projector {
     pool: PgPool,
     projection: Arc<dyn Projection>,
+    tables: Tables,
     stats: Arc<ProjectorStats>,
 }
 
 impl Projector {
-    /// A runner for `projection`.
+    /// A runner for `projection`'s live tables.
     pub fn new(pool: PgPool, projection: Arc<dyn Projection>) -> Self {
+        Self::on(pool, projection, Tables::LIVE)
+    }
+
+    /// A runner for `projection` writing `tables`.
+    pub fn on(pool: PgPool, projection: Arc<dyn Projection>, tables: Tables) -> Self {
         Projector {
             pool,
             projection,
+            tables,
             stats: Arc::default(),
         }
     }
@@ -71,13 +134,31 @@ impl Projector {
         self.stats.clone()
     }
 
-    /// Follow the ledger until `shutdown` resolves.
+    /// Follow the ledger until `shutdown` resolves. A live runner first builds its tables if
+    /// they are missing or of another version (`fresh` gives the instance that builds them).
     #[tracing::instrument(skip_all, fields(projection = self.projection.name()))]
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    pub async fn run(self, fresh: Fresh, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         tokio::pin!(shutdown);
+        loop {
+            let ready = tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                r = crate::rebuild::ensure_live(&self.pool, &fresh) => r,
+            };
+            match ready {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "building the projection's tables failed; retrying");
+                    tokio::select! { _ = &mut shutdown => return Ok(()), _ = tokio::time::sleep(RETRY_BACKOFF * 4) => {} }
+                }
+            }
+        }
+        if let Err(e) = self.warm_up().await {
+            // Not fatal: the first batch loads what it needs itself.
+            tracing::warn!(error = %e, "loading the projection's state at start failed");
+        }
         let mut listener = None;
         loop {
-            match self.catch_up().await {
+            match self.catch_up(None).await {
                 Ok(n) if n > 0 => continue,
                 Ok(_) => {}
                 Err(e) => {
@@ -97,6 +178,24 @@ impl Projector {
         }
     }
 
+    /// Load the projection's state at its checkpoint and do its upkeep once (the quota
+    /// projection writes a snapshot when the rows folded since the newest one call for it,
+    /// e.g. right after its tables were built), before any new row arrives.
+    async fn warm_up(&self) -> Result<(), Error> {
+        let key = self.tables.checkpoint_key(self.projection.name());
+        let from: Option<i64> =
+            sqlx::query_scalar("SELECT last_pos FROM projection_checkpoints WHERE projection = $1")
+                .bind(&key)
+                .fetch_optional(&self.pool)
+                .await?;
+        if let Some(from) = from {
+            self.projection.prepare(from).await?;
+            self.projection.committed(from);
+            self.projection.after_commit().await?;
+        }
+        Ok(())
+    }
+
     async fn listen(&self) -> Option<PgListener> {
         let mut l = PgListener::connect_with(&self.pool).await.ok()?;
         l.listen(tally_ledger::writer::LEDGER_NOTIFY_CHANNEL)
@@ -105,57 +204,86 @@ impl Projector {
         Some(l)
     }
 
-    /// Fold every ledger row after the checkpoint, one batch per transaction. Returns how many
-    /// rows the last batch had (0 when caught up).
-    pub async fn catch_up(&self) -> Result<usize, Error> {
-        let name = self.projection.name();
+    /// Fold the next batch after the checkpoint (not past `upto`) in one transaction. Returns
+    /// how many rows the batch read (0 when caught up).
+    pub async fn catch_up(&self, upto: Option<i64>) -> Result<usize, Error> {
         let mut tx = self.pool.begin().await?;
-        // Lock the checkpoint row: two runners of one projection must not fold the same rows.
-        sqlx::query("INSERT INTO projection_checkpoints (projection, last_pos) VALUES ($1, 0) ON CONFLICT DO NOTHING")
-            .bind(name)
-            .execute(&mut *tx)
-            .await?;
-        let from: i64 = sqlx::query_scalar(
-            "SELECT last_pos FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
-        )
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await?;
-        let rows: Vec<(i64, serde_json::Value)> =
-            sqlx::query_as("SELECT pos, payload FROM ledger WHERE pos > $1 ORDER BY pos LIMIT $2")
-                .bind(from)
-                .bind(MAX_BATCH)
-                .fetch_all(&mut *tx)
-                .await?;
-        let Some(&(to, _)) = rows.last() else {
+        let Some((to, n)) = self.step(&mut tx, upto).await? else {
             return Ok(0);
         };
-        assert!(to > from, "projection checkpoint must only move forward");
-        let events = decode_rows(&rows)?;
-        self.projection.prepare(&mut tx, from).await?;
-        self.projection.apply(&mut tx, &events).await?;
-        sqlx::query("UPDATE projection_checkpoints SET last_pos = $2, updated_at = clock_timestamp() WHERE projection = $1")
-            .bind(name)
-            .bind(to)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         self.projection.committed(to);
         self.stats.checkpoint.store(to, Ordering::Relaxed);
-        self.stats
-            .events
-            .fetch_add(events.len() as u64, Ordering::Relaxed);
-        Ok(rows.len())
+        self.stats.events.fetch_add(n as u64, Ordering::Relaxed);
+        self.projection.after_commit().await?;
+        Ok(n.max(1))
+    }
+
+    /// One batch inside the caller's transaction: lock the checkpoint, read the rows after it
+    /// (not past `upto`), fold and write them, move the checkpoint. Returns the new checkpoint
+    /// and the rows folded, or None when there was nothing to read.
+    pub async fn step(
+        &self,
+        tx: &mut PgConnection,
+        upto: Option<i64>,
+    ) -> Result<Option<(i64, usize)>, Error> {
+        let key = self.tables.checkpoint_key(self.projection.name());
+        let from = lock_checkpoint(tx, &key).await?;
+        let limit = upto.map_or(MAX_BATCH, |u| (u - from).clamp(0, MAX_BATCH));
+        if limit == 0 {
+            return Ok(None);
+        }
+        let (events, last) = read_after(tx, self.projection.order(), from, limit).await?;
+        let Some(to) = last else {
+            return Ok(None);
+        };
+        let events: Vec<Envelope> = events.into_iter().map(|(_, e)| e).collect();
+        self.projection.prepare(from).await?;
+        self.projection.apply(tx, self.tables, &events).await?;
+        sqlx::query(
+            "UPDATE projection_checkpoints SET last_pos = $2, updated_at = clock_timestamp() WHERE projection = $1",
+        )
+        .bind(&key)
+        .bind(to)
+        .execute(&mut *tx)
+        .await?;
+        Ok(Some((to, events.len())))
     }
 }
 
-pub(crate) fn decode_rows(rows: &[(i64, serde_json::Value)]) -> Result<Vec<Envelope>, Error> {
-    rows.iter()
-        .map(|(pos, payload)| {
-            let bytes = serde_json::to_vec(payload).expect("json re-encodes");
-            Envelope::decode(&bytes).map_err(|source| Error::Undecodable { pos: *pos, source })
-        })
-        .collect()
+/// Lock (creating it at 0) the checkpoint row `key`: two runners of one projection must not fold
+/// the same rows. Returns its position.
+pub async fn lock_checkpoint(tx: &mut PgConnection, key: &str) -> Result<i64, Error> {
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection, last_pos) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+    )
+    .bind(key)
+    .execute(&mut *tx)
+    .await?;
+    Ok(sqlx::query_scalar(
+        "SELECT last_pos FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
+    )
+    .bind(key)
+    .fetch_one(&mut *tx)
+    .await?)
+}
+
+/// Up to `limit` rows after `from` in `order`: `pos` order, or stream order up to the writer's
+/// contiguous watermark.
+async fn read_after(
+    tx: &mut PgConnection,
+    order: Order,
+    from: i64,
+    limit: i64,
+) -> Result<(Vec<(i64, Envelope)>, Option<i64>), Error> {
+    Ok(match order {
+        Order::Pos => tally_ledger::reader::page_after_pos(tx, from, limit).await?,
+        Order::StreamSeq => {
+            let upto = tally_ledger::reader::contiguous_seq(&mut *tx).await?;
+            let from = u64::try_from(from).unwrap_or(0);
+            tally_ledger::reader::page_by_seq(&mut *tx, from, upto.saturating_add(1), limit).await?
+        }
+    })
 }
 
 async fn wait_for_notify(listener: &mut Option<PgListener>) {
@@ -169,14 +297,28 @@ async fn wait_for_notify(listener: &mut Option<PgListener>) {
     }
 }
 
-/// How far a projection trails the ledger, in rows.
-pub async fn lag_rows(pool: &PgPool, projection: &str) -> Result<i64, Error> {
-    let lag: Option<i64> = sqlx::query_scalar(
-        "SELECT COALESCE((SELECT max(pos) FROM ledger), 0) - \
-         COALESCE((SELECT last_pos FROM projection_checkpoints WHERE projection = $1), 0)",
-    )
-    .bind(projection)
-    .fetch_one(pool)
-    .await?;
-    Ok(lag.unwrap_or(0).max(0))
+/// The head a projection of `order` catches up to: the last `pos`, or the writer's watermark.
+pub async fn head(conn: &mut PgConnection, order: Order) -> Result<i64, Error> {
+    Ok(match order {
+        Order::Pos => sqlx::query_scalar::<_, Option<i64>>("SELECT max(pos) FROM ledger")
+            .fetch_one(&mut *conn)
+            .await?
+            .unwrap_or(0),
+        Order::StreamSeq => {
+            i64::try_from(tally_ledger::reader::contiguous_seq(&mut *conn).await?).unwrap_or(0)
+        }
+    })
+}
+
+/// How far a projection trails the ledger: `pos` rows, or stream sequences up to the writer's
+/// watermark for stream-ordered projections. None while its live tables are being built.
+pub async fn lag_rows(pool: &PgPool, projection: &str, order: Order) -> Result<Option<i64>, Error> {
+    let mut conn = pool.acquire().await?;
+    let cp: Option<i64> =
+        sqlx::query_scalar("SELECT last_pos FROM projection_checkpoints WHERE projection = $1")
+            .bind(projection)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some(cp) = cp else { return Ok(None) };
+    Ok(Some((head(&mut conn, order).await? - cp).max(0)))
 }

@@ -3,13 +3,15 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use tally_events::{Envelope, Usage, UsageKey, UsageTotals, fold_usage};
 
 use crate::Error;
+use crate::claims::{Claim, ClaimsFuture, DayRange};
 use crate::runner::{ApplyFuture, Projection};
+use crate::tables::Tables;
 
 /// Most buckets one usage read returns: a week of minutes, a year of hours. Bounds the response
 /// and the query.
@@ -47,10 +49,10 @@ impl Granularity {
         }
     }
 
-    /// Start of the bucket containing `t`.
+    /// Start of the bucket containing `t` (floor, on whole seconds: no nanosecond range limit).
     pub fn bucket_of(self, t: DateTime<Utc>) -> DateTime<Utc> {
-        t.duration_trunc(self.step())
-            .expect("bucket truncation of a valid time")
+        let step = self.step().num_seconds();
+        DateTime::from_timestamp(t.timestamp().div_euclid(step) * step, 0).unwrap_or(t)
     }
 }
 
@@ -62,19 +64,109 @@ impl Projection for UsageProjection {
         "usage"
     }
 
-    fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a [Envelope]) -> ApplyFuture<'a> {
+    fn tables(&self) -> &'static [&'static str] {
+        &["usage_minute", "usage_hour", "usage_day"]
+    }
+
+    fn schema(&self) -> &'static str {
+        include_str!("usage.sql")
+    }
+
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        tables: Tables,
+        events: &'a [Envelope],
+    ) -> ApplyFuture<'a> {
         Box::pin(async move {
             let minutes = events.iter().fold(UsageTotals::new(), fold_usage);
             if minutes.is_empty() {
                 return Ok(());
             }
             for g in Granularity::ALL {
-                upsert(tx, g, &rollup(&minutes, g)).await?;
+                upsert(tx, &tables.name(g.table()), &rollup(&minutes, g)).await?;
             }
             Ok(())
         })
     }
+
+    fn claims<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        tables: Tables,
+        range: DayRange,
+    ) -> ClaimsFuture<'a> {
+        Box::pin(async move {
+            let mut claims = Vec::new();
+            for g in Granularity::ALL {
+                let table = tables.name(g.table());
+                let rows = daily_sums(tx, &table, "bucket", chrono_tz::UTC, range).await?;
+                claims.push(Claim::UsageByDay {
+                    table,
+                    tz: chrono_tz::UTC,
+                    rows,
+                });
+            }
+            Ok(claims)
+        })
+    }
 }
+
+/// One row of a per-day sum: subject, model, day and the five amounts.
+type DayRow = (String, String, chrono::NaiveDate, i64, i64, i64, i64, i64);
+
+/// Sums of `table` per subject × model × day of `day_col` in `tz` (a `date` column is taken as
+/// is), within `range`.
+pub(crate) async fn daily_sums(
+    tx: &mut PgConnection,
+    table: &str,
+    day_col: &str,
+    tz: chrono_tz::Tz,
+    range: DayRange,
+) -> Result<BTreeMap<crate::claims::DayKey, Usage>, Error> {
+    let sums = USAGE_COLUMNS.map(saturating_sum).join(", ");
+    let day = if day_col == "day" {
+        "day".to_owned()
+    } else {
+        format!("({day_col} AT TIME ZONE $1)::date")
+    };
+    let sql = format!(
+        "SELECT subject, model, d, {sums} FROM (SELECT *, {day} AS d FROM {table}) x \
+         WHERE ($2::date IS NULL OR d >= $2) AND ($3::date IS NULL OR d <= $3) \
+         GROUP BY subject, model, d"
+    );
+    let rows: Vec<DayRow> = sqlx::query_as(&sql)
+        .bind(tz.name())
+        .bind(range.from)
+        .bind(range.to)
+        .fetch_all(&mut *tx)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(s, m, d, requests, input_tokens, output_tokens, cost, credits)| {
+                let u = Usage {
+                    requests,
+                    input_tokens,
+                    output_tokens,
+                    cost,
+                    credits,
+                };
+                ((s, m, d), u)
+            },
+        )
+        .filter(|(_, u)| !u.is_zero())
+        .collect())
+}
+
+/// The amount columns of every usage table, in [`Usage::fields`] order.
+pub(crate) const USAGE_COLUMNS: [&str; 5] = [
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+    "credits",
+];
 
 /// Re-bucket minute totals to `g` (identity for minutes).
 fn rollup(minutes: &UsageTotals, g: Granularity) -> UsageTotals {
@@ -90,7 +182,21 @@ fn rollup(minutes: &UsageTotals, g: Granularity) -> UsageTotals {
     out
 }
 
-async fn upsert(tx: &mut PgConnection, g: Granularity, totals: &UsageTotals) -> Result<(), Error> {
+/// `a + b` for non-negative bigints, saturating at the largest bigint instead of failing the
+/// statement with "bigint out of range" (SPEC v2 §4: totals saturate; a projection never stops).
+pub fn saturating_add(a: &str, b: &str) -> String {
+    format!(
+        "CASE WHEN {a} > {max} - {b} THEN {max} ELSE {a} + {b} END",
+        max = i64::MAX
+    )
+}
+
+/// `sum(col)` as a bigint, saturating (the sum itself is numeric and cannot overflow).
+pub fn saturating_sum(col: &str) -> String {
+    format!("LEAST(sum({col}), {max})::int8", max = i64::MAX)
+}
+
+async fn upsert(tx: &mut PgConnection, table: &str, totals: &UsageTotals) -> Result<(), Error> {
     // Column arrays for UNNEST: names (subject, model, model group), flags (key, user), buckets.
     let mut names: [Vec<&str>; 3] = Default::default();
     let mut flags: [Vec<bool>; 2] = Default::default();
@@ -107,16 +213,20 @@ async fn upsert(tx: &mut PgConnection, g: Granularity, totals: &UsageTotals) -> 
             slot.push(v);
         }
     }
+    let sets = USAGE_COLUMNS
+        .map(|c| {
+            format!(
+                "{c} = {}",
+                saturating_add(&format!("t.{c}"), &format!("EXCLUDED.{c}"))
+            )
+        })
+        .join(", ");
     let sql = format!(
-        "INSERT INTO {t} AS t (subject, model, model_group, counted_in_key_global, counted_in_user_global, bucket, \
+        "INSERT INTO {table} AS t (subject, model, model_group, counted_in_key_global, counted_in_user_global, bucket, \
            requests, input_tokens, output_tokens, cost, credits) \
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::timestamptz[], \
            $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[]) \
-         ON CONFLICT (subject, bucket, model, model_group, counted_in_key_global, counted_in_user_global) DO UPDATE SET \
-           requests = t.requests + EXCLUDED.requests, input_tokens = t.input_tokens + EXCLUDED.input_tokens, \
-           output_tokens = t.output_tokens + EXCLUDED.output_tokens, cost = t.cost + EXCLUDED.cost, \
-           credits = t.credits + EXCLUDED.credits",
-        t = g.table()
+         ON CONFLICT (subject, bucket, model, model_group, counted_in_key_global, counted_in_user_global) DO UPDATE SET {sets}"
     );
     let [requests, input, output, cost, credits] = amounts;
     let [subjects, models, model_groups] = names;
@@ -186,9 +296,9 @@ pub async fn usage_series(
             ),
         });
     }
+    let sums = USAGE_COLUMNS.map(saturating_sum).join(", ");
     let sql = format!(
-        "SELECT bucket, sum(requests)::int8, sum(input_tokens)::int8, sum(output_tokens)::int8, sum(cost)::int8, \
-           sum(credits)::int8 FROM {t} WHERE subject = $1 AND bucket >= $2 AND bucket < $3 \
+        "SELECT bucket, {sums} FROM {t} WHERE subject = $1 AND bucket >= $2 AND bucket < $3 \
            AND ($4::text IS NULL OR model = $4) GROUP BY bucket ORDER BY bucket",
         t = g.table()
     );

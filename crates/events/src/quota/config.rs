@@ -1,25 +1,28 @@
 //! Configuration as a fold of configuration events: subjects (parent, groups, disabled), model
 //! groups, policies and grants. Admin writes are validated against this state before they are
-//! published (cycles, a model in two groups), and admissions resolve chains and policies from it.
+//! published (cycles, depth, a model in two groups, a model group in use), and admissions resolve
+//! chains and policies from it.
+//!
+//! The fold keeps its invariants even against events the API would never publish (a hand-made
+//! event on the stream, a history written by an older build): a parent that would make a cycle
+//! or a chain deeper than [`MAX_CHAIN_DEPTH`] is not taken (the rest of the upsert is), so
+//! [`Config::chain`] never has to cut a chain.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 
-use crate::envelope::{Envelope, EventData, GrantIssued, PolicyUpserted};
+use crate::envelope::{Envelope, EventData, GrantIssued, PolicyUpserted, SubjectUpserted};
 use crate::model::{Metric, Subject};
 use crate::window::WindowSpec;
 
-/// Longest chain followed. Real hierarchies are key → user → team → customer; a longer chain is
-/// a configuration mistake, and the bound keeps a resolution from walking without end.
-pub const MAX_CHAIN_DEPTH: usize = 16;
-/// Most groups one subject may carry.
-pub const MAX_GROUPS_PER_SUBJECT: usize = 32;
-/// Most models in one model group.
-pub const MAX_MODELS_PER_GROUP: usize = 1024;
+pub use crate::rules::{
+    MAX_CHAIN_LEN as MAX_CHAIN_DEPTH, MAX_GROUPS_PER_SUBJECT, MAX_MODELS_PER_GROUP,
+    MAX_POLICIES_PER_SUBJECT,
+};
 
 /// A configured subject.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SubjectConf {
     /// Parent in the chain.
     pub parent: Option<Subject>,
@@ -36,19 +39,55 @@ pub struct PolicyConf {
     pub data: PolicyUpserted,
     /// Its window, ready to evaluate.
     pub spec: WindowSpec,
-    /// When it was first created (the default periodic anchor).
+    /// When it was first created (the default periodic anchor of older events).
     pub created_at: DateTime<Utc>,
+}
+
+impl PolicyConf {
+    /// Whether the window is counted per window instance (calendar, periodic): its pools and
+    /// reservations are keyed by the window start.
+    pub fn windowed(&self) -> bool {
+        matches!(
+            self.spec,
+            WindowSpec::Calendar { .. } | WindowSpec::Periodic { .. }
+        )
+    }
+}
+
+/// Why a `parent` cannot be taken (SPEC v2 §4: 409 naming `parent`, saying which).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParentConflict {
+    /// The parent is the subject or one of its descendants.
+    Cycle,
+    /// Some chain through the subject would be longer than [`MAX_CHAIN_DEPTH`].
+    TooDeep {
+        /// The length the longest chain would have.
+        depth: usize,
+    },
+}
+
+impl std::fmt::Display for ParentConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParentConflict::Cycle => f.write_str("would make a cycle"),
+            ParentConflict::TooDeep { depth } => write!(
+                f,
+                "would make a chain {depth} subjects deep (at most {MAX_CHAIN_DEPTH})"
+            ),
+        }
+    }
 }
 
 /// The configuration fold.
 #[derive(Clone, Debug, Default)]
 pub struct Config {
-    subjects: HashMap<Subject, SubjectConf>,
-    model_groups: BTreeMap<String, Vec<String>>,
-    group_of_model: HashMap<String, String>,
-    policies: BTreeMap<String, PolicyConf>,
-    policies_of: HashMap<Subject, Vec<String>>,
-    grants: BTreeMap<String, (Subject, GrantIssued)>,
+    pub(super) subjects: HashMap<Subject, SubjectConf>,
+    pub(super) children: HashMap<Subject, BTreeSet<Subject>>,
+    pub(super) model_groups: BTreeMap<String, Vec<String>>,
+    pub(super) group_of_model: HashMap<String, String>,
+    pub(super) policies: BTreeMap<String, PolicyConf>,
+    pub(super) policies_of: HashMap<Subject, Vec<String>>,
+    pub(super) grants: BTreeMap<String, (Subject, GrantIssued)>,
 }
 
 impl Config {
@@ -57,14 +96,12 @@ impl Config {
         match &env.data {
             EventData::SubjectUpserted(d) => {
                 if let Some(s) = &env.subject {
-                    self.subjects.insert(
-                        s.clone(),
-                        SubjectConf {
-                            parent: d.parent.clone(),
-                            groups: d.groups.clone(),
-                            disabled: d.disabled,
-                        },
-                    );
+                    self.upsert_subject(s, d);
+                }
+            }
+            EventData::SubjectDeleted(_) => {
+                if let Some(s) = &env.subject {
+                    self.delete_subject(s);
                 }
             }
             EventData::ModelGroupUpserted(d) => self.set_model_group(&d.name, &d.models),
@@ -80,6 +117,52 @@ impl Config {
             }
             _ => {}
         }
+    }
+
+    fn upsert_subject(&mut self, s: &Subject, d: &SubjectUpserted) {
+        let old = self.subjects.get(s).and_then(|c| c.parent.clone());
+        let parent = match &d.parent {
+            Some(p) if p.kind() == "group" || self.parent_conflict(s, p).is_some() => old.clone(),
+            other => other.clone(),
+        };
+        if old != parent {
+            self.unlink(s, old.as_ref());
+            if let Some(p) = &parent {
+                self.children
+                    .entry(p.clone())
+                    .or_default()
+                    .insert(s.clone());
+            }
+        }
+        let conf = SubjectConf {
+            parent,
+            groups: d.groups.clone(),
+            disabled: d.disabled,
+        };
+        self.subjects.insert(s.clone(), conf);
+    }
+
+    fn unlink(&mut self, s: &Subject, parent: Option<&Subject>) {
+        if let Some(p) = parent
+            && let Some(kids) = self.children.get_mut(p)
+        {
+            kids.remove(s);
+            if kids.is_empty() {
+                self.children.remove(p);
+            }
+        }
+    }
+
+    /// Retire a subject: its configuration, its policies and the grants written for it.
+    fn delete_subject(&mut self, s: &Subject) {
+        if let Some(conf) = self.subjects.remove(s) {
+            self.unlink(s, conf.parent.as_ref());
+        }
+        let ids: Vec<String> = self.policies_of.get(s).cloned().unwrap_or_default();
+        for id in ids {
+            self.delete_policy(&id);
+        }
+        self.grants.retain(|_, (g, _)| g != s);
     }
 
     fn set_model_group(&mut self, name: &str, models: &[String]) {
@@ -127,6 +210,9 @@ impl Config {
             && let Some(ids) = self.policies_of.get_mut(&p.data.subject)
         {
             ids.retain(|i| i != id);
+            if ids.is_empty() {
+                self.policies_of.remove(&p.data.subject);
+            }
         }
     }
 
@@ -135,13 +221,25 @@ impl Config {
         self.subjects.get(s)
     }
 
-    /// The leaf and its ancestors, leaf first. Stops (defensively) at a repeated subject or at
-    /// [`MAX_CHAIN_DEPTH`]; writes that would create a cycle are refused before publishing.
+    /// Every configured subject.
+    pub fn subjects(&self) -> impl Iterator<Item = (&Subject, &SubjectConf)> {
+        self.subjects.iter()
+    }
+
+    /// The subjects whose parent is `s`.
+    pub fn children(&self, s: &Subject) -> impl Iterator<Item = &Subject> {
+        self.children.get(s).into_iter().flatten()
+    }
+
+    /// The leaf and its ancestors, leaf first. The fold never takes a parent that would make a
+    /// cycle or a chain longer than [`MAX_CHAIN_DEPTH`], so the walk ends by itself; the bound
+    /// on the loop is a guard against a bug, not a rule.
     pub fn chain(&self, leaf: &Subject) -> Vec<Subject> {
         let mut chain = vec![leaf.clone()];
         let mut at = leaf;
         while let Some(parent) = self.subjects.get(at).and_then(|c| c.parent.as_ref()) {
-            if chain.contains(parent) || chain.len() >= MAX_CHAIN_DEPTH {
+            if chain.len() > MAX_CHAIN_DEPTH || chain.contains(parent) {
+                debug_assert!(false, "the fold admitted a cycle or an over-deep chain");
                 break;
             }
             chain.push(parent.clone());
@@ -150,10 +248,33 @@ impl Config {
         chain
     }
 
-    /// Whether giving `subject` the parent `parent` would make a cycle (or exceed the depth).
-    pub fn would_cycle(&self, subject: &Subject, parent: &Subject) -> bool {
+    /// Length of the longest chain from a descendant of `s` (or `s` itself) up to `s`, inclusive.
+    fn depth_below(&self, s: &Subject) -> usize {
+        let mut depth = 1;
+        let mut level: Vec<&Subject> = vec![s];
+        // Breadth first, one level per step; the fold's invariant bounds the levels.
+        while !level.is_empty() && depth <= MAX_CHAIN_DEPTH + 1 {
+            let next: Vec<&Subject> = level.iter().flat_map(|p| self.children(p)).collect();
+            if next.is_empty() {
+                break;
+            }
+            depth += 1;
+            level = next;
+        }
+        depth
+    }
+
+    /// Whether `subject` may take `parent`: not if `parent` is `subject` or below it (a cycle),
+    /// nor if some chain through `subject` would then be longer than [`MAX_CHAIN_DEPTH`]
+    /// (counting the subjects below `subject` too, so building a chain from the leaf upwards is
+    /// refused at the same depth as building it downwards).
+    pub fn parent_conflict(&self, subject: &Subject, parent: &Subject) -> Option<ParentConflict> {
         let up = self.chain(parent);
-        up.contains(subject) || up.len() + 1 > MAX_CHAIN_DEPTH
+        if up.contains(subject) {
+            return Some(ParentConflict::Cycle);
+        }
+        let depth = self.depth_below(subject) + up.len();
+        (depth > MAX_CHAIN_DEPTH).then_some(ParentConflict::TooDeep { depth })
     }
 
     /// The group of `model`, if any.
@@ -166,6 +287,11 @@ impl Config {
         self.model_groups.get(name).map(Vec::as_slice)
     }
 
+    /// Every model group.
+    pub fn model_groups(&self) -> impl Iterator<Item = (&String, &Vec<String>)> {
+        self.model_groups.iter()
+    }
+
     /// The first of `models` that already belongs to a group other than `name`.
     pub fn model_conflict(&self, name: &str, models: &[String]) -> Option<(String, String)> {
         models.iter().find_map(|m| {
@@ -174,6 +300,19 @@ impl Config {
                 .filter(|g| g.as_str() != name)
                 .map(|g| (m.clone(), g.clone()))
         })
+    }
+
+    /// What still names model group `name` (`policy <id>` or `grant <id>`): it cannot be deleted.
+    pub fn model_group_user(&self, name: &str) -> Option<String> {
+        let named = |g: &Option<String>| g.as_deref() == Some(name);
+        let policy = self.policies.values().find(|p| named(&p.data.model_group));
+        if let Some(p) = policy {
+            return Some(format!("policy `{}`", p.data.policy_id));
+        }
+        self.grants
+            .values()
+            .find(|(_, g)| named(&g.model_group))
+            .map(|(_, g)| format!("grant `{}`", g.grant_id))
     }
 
     /// A policy by id.
@@ -198,20 +337,29 @@ impl Config {
     /// Sum of the grants active at `t` that raise `policy` for `pool`: same subject (the pool, or
     /// the group the policy was written for), metric and model group, and window kind if named.
     pub fn grant_total(&self, policy: &PolicyConf, pool: &Subject, t: DateTime<Utc>) -> i64 {
+        self.grants_for(policy, pool)
+            .filter(|g| g.starts_at <= t && t < g.expires_at)
+            .fold(0i64, |acc, g| acc.saturating_add(g.amount))
+    }
+
+    /// Every grant (active or not) that raises `policy` for `pool`.
+    pub fn grants_for<'a>(
+        &'a self,
+        policy: &'a PolicyConf,
+        pool: &'a Subject,
+    ) -> impl Iterator<Item = &'a GrantIssued> {
         let p = &policy.data;
         self.grants
             .values()
-            .filter(|(s, g)| {
+            .filter(move |(s, g)| {
                 (s == pool || *s == p.subject)
                     && g.metric == p.metric
                     && g.model_group == p.model_group
                     && g.window_kind
                         .as_deref()
                         .is_none_or(|k| k == policy.spec.kind())
-                    && g.starts_at <= t
-                    && t < g.expires_at
             })
-            .fold(0i64, |acc, (_, g)| acc.saturating_add(g.amount))
+            .map(|(_, g)| g)
     }
 
     /// A grant by id.
@@ -219,16 +367,29 @@ impl Config {
         self.grants.get(id).map(|(_, g)| g)
     }
 
+    /// Every grant.
+    pub fn grants(&self) -> impl Iterator<Item = &GrantIssued> {
+        self.grants.values().map(|(_, g)| g)
+    }
+
+    /// The `group:<label>` subjects of `s`'s groups.
+    pub fn group_subjects(&self, s: &Subject) -> Vec<Subject> {
+        self.subjects
+            .get(s)
+            .map(|c| {
+                c.groups
+                    .iter()
+                    .filter_map(|g| Subject::parse(&format!("group:{g}")).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Whether `subject` on its billing axis has an enabled spend policy with a positive limit
     /// scoped to `model_group`, its own or through one of its groups (SPEC §4.3).
     pub fn isolates(&self, subject: &Subject, model_group: &str) -> bool {
-        let groups = self.subjects.get(subject).map(|c| c.groups.clone());
-        let group_subjects = groups
-            .into_iter()
-            .flatten()
-            .filter_map(|g| Subject::parse(&format!("group:{g}")).ok());
         std::iter::once(subject.clone())
-            .chain(group_subjects)
+            .chain(self.group_subjects(subject))
             .any(|s| {
                 self.policies_of(&s).any(|p| {
                     p.data.enabled
@@ -242,5 +403,61 @@ impl Config {
     /// The metric a policy counts.
     pub fn metric_of(&self, id: &str) -> Option<Metric> {
         self.policies.get(id).map(|p| p.data.metric)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(x: &str) -> Subject {
+        Subject::parse(x).unwrap()
+    }
+
+    fn link(c: &mut Config, child: &str, parent: &str) {
+        let env = Envelope::new(
+            EventData::SubjectUpserted(SubjectUpserted {
+                parent: Some(s(parent)),
+                groups: vec![],
+                disabled: false,
+            }),
+            Utc::now(),
+            None,
+            Some(s(child)),
+        );
+        c.apply(&env);
+    }
+
+    #[test]
+    fn depth_is_refused_whichever_way_the_chain_is_built() {
+        // Upwards: k0 → k1, then k1 → k2, … (each new parent lengthens k0's chain).
+        let mut up = Config::default();
+        for i in 0..MAX_CHAIN_DEPTH - 1 {
+            let (c, p) = (format!("key:k{i}"), format!("key:k{}", i + 1));
+            assert_eq!(up.parent_conflict(&s(&c), &s(&p)), None, "{c} → {p}");
+            link(&mut up, &c, &p);
+        }
+        assert_eq!(up.chain(&s("key:k0")).len(), MAX_CHAIN_DEPTH);
+        let (last, next) = (format!("key:k{}", MAX_CHAIN_DEPTH - 1), s("key:top"));
+        assert_eq!(
+            up.parent_conflict(&s(&last), &next),
+            Some(ParentConflict::TooDeep {
+                depth: MAX_CHAIN_DEPTH + 1
+            })
+        );
+        // The fold does not take it either: the chain stays whole at 16, never cut.
+        link(&mut up, &last, "key:top");
+        assert_eq!(up.chain(&s("key:k0")).len(), MAX_CHAIN_DEPTH);
+        assert_eq!(
+            up.parent_conflict(&s("key:top"), &s("key:k0")),
+            Some(ParentConflict::TooDeep {
+                depth: MAX_CHAIN_DEPTH + 1
+            })
+        );
+        // Downwards: the cycle case is still a cycle.
+        assert_eq!(
+            up.parent_conflict(&s(&last), &s("key:k0")),
+            Some(ParentConflict::Cycle)
+        );
     }
 }

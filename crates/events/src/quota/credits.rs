@@ -4,13 +4,18 @@
 //! every refill instant passed since the last one is caught up first.
 
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
 
 use crate::envelope::CreditsAdjusted;
 use crate::model::{CreditOp, Refill, RefillInterval};
 
 /// A subject's balance.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
+    /// Balance epoch: a new one at every `set` (and for a balance created after a `clear`). A
+    /// request admitted in an older epoch neither holds credits nor is charged in this one
+    /// (SPEC v2 §6: a `set` is a barrier).
+    pub epoch: u64,
     /// Balance after the last event (before any refill due since).
     pub balance: i64,
     /// Credits held by open admissions.
@@ -19,15 +24,28 @@ pub struct Account {
     pub refill: Option<Refill>,
     /// The last refill instant accounted for.
     pub last_refill: Option<DateTime<Utc>>,
+    /// Server time of the barrier that started this epoch (the `set`, or the balance's
+    /// creation): a settlement charged from its event alone (its request already closed or
+    /// forgotten) is charged only when its admission was decided at or after it.
+    pub barrier_at: Option<DateTime<Utc>>,
 }
 
 impl Account {
+    /// Whether a settlement of an admission decided at `decided_at` (None: direct usage) is
+    /// charged in this epoch.
+    pub fn admits_charge_of(&self, decided_at: Option<DateTime<Utc>>) -> bool {
+        match (decided_at, self.barrier_at) {
+            (Some(d), Some(b)) => d >= b,
+            _ => true,
+        }
+    }
+
     /// Apply an operator's adjustment at `at`. The event always carries the schedule in force
     /// afterwards (the API copies the current one when the request leaves it out).
     pub fn adjust(&mut self, c: &CreditsAdjusted, at: DateTime<Utc>) {
         self.catch_up(at);
         self.balance = match c.op {
-            CreditOp::Set => c.amount,
+            CreditOp::Set | CreditOp::Clear => c.amount,
             CreditOp::Increment => self.balance.saturating_add(c.amount),
             CreditOp::Decrement => self.balance.saturating_sub(c.amount).max(0),
         };
@@ -42,6 +60,11 @@ impl Account {
     pub fn charge(&mut self, amount: i64, at: DateTime<Utc>) {
         self.catch_up(at);
         self.balance = self.balance.saturating_sub(amount).max(0);
+    }
+
+    /// What a request may still draw: the balance at `t` less what open admissions hold.
+    pub fn remaining_at(&self, t: DateTime<Utc>) -> i64 {
+        self.balance_at(t).saturating_sub(self.reserved).max(0)
     }
 
     fn catch_up(&mut self, t: DateTime<Utc>) {
@@ -175,6 +198,7 @@ mod tests {
             day: None,
         });
         let set = CreditsAdjusted {
+            id: None,
             op: CreditOp::Set,
             amount: 3,
             refill,

@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use super::config::PolicyConf;
 use super::state::{CREDITS_CHECK, QuotaState};
 use crate::envelope::ThresholdCrossed;
-use crate::model::{Boundary, Check, Metric, OnExhausted, Outcome, Reason, Subject, Usage, Window};
+use crate::model::{Boundary, Check, Metric, OnExhausted, Outcome, Reason, Subject, Usage};
+use crate::window::WindowSpec;
 
 /// What is asked.
 #[derive(Clone, Debug)]
@@ -56,7 +57,7 @@ pub struct Decision {
     pub estimate: Usage,
     /// Every check, in chain order.
     pub checks: Vec<Check>,
-    /// Alerts to publish (first crossing of an `alert` policy in this window).
+    /// Alerts to publish (an `alert` policy found exhausted in this window, not alerted yet).
     pub alerts: Vec<ThresholdCrossed>,
     /// Whether a chain subject is disabled.
     pub disabled: bool,
@@ -68,52 +69,87 @@ struct Candidate<'a> {
     pool: Subject,
 }
 
-fn group_subjects(state: &QuotaState, s: &Subject) -> Vec<Subject> {
-    state
-        .config
-        .subject(s)
-        .map(|c| {
-            c.groups
-                .iter()
-                .filter_map(|g| Subject::parse(&format!("group:{g}")).ok())
-                .collect()
-        })
-        .unwrap_or_default()
+fn same_shape(a: &PolicyConf, b: &PolicyConf) -> bool {
+    let (a, b) = (&a.data, &b.data);
+    a.metric == b.metric && a.model_group == b.model_group && a.window == b.window
 }
 
-type Shape<'a> = (Metric, Option<&'a str>, &'a Window);
-
-fn shape(p: &PolicyConf) -> Shape<'_> {
-    (p.data.metric, p.data.model_group.as_deref(), &p.data.window)
+/// The larger limit; ties go to the smaller policy id.
+fn larger<'a>(a: &'a PolicyConf, b: &'a PolicyConf) -> &'a PolicyConf {
+    match a.data.limit.cmp(&b.data.limit) {
+        std::cmp::Ordering::Greater => a,
+        std::cmp::Ordering::Less => b,
+        std::cmp::Ordering::Equal if a.data.policy_id <= b.data.policy_id => a,
+        std::cmp::Ordering::Equal => b,
+    }
 }
 
-/// The policies that apply to chain subject `s` for this request, max-merged by shape.
+/// The policies that apply to chain subject `s` among those `applies` accepts, max-merged as
+/// SPEC v2 §4 "Decision details" says: disabled policies are left out first; `alert` policies
+/// never merge; S's own policies are each a check; the group templates of one shape merge into
+/// their largest, which then competes with S's largest own policy of that shape (the larger limit
+/// wins, a tie goes to S's own) or stands alone when S has none. A loser is not a check at all.
+fn merged<'a>(
+    state: &'a QuotaState,
+    s: &Subject,
+    applies: &dyn Fn(&PolicyConf) -> bool,
+) -> Vec<&'a PolicyConf> {
+    let cfg = &state.config;
+    let ok = |p: &&PolicyConf| p.data.enabled && applies(p);
+    let alert = |p: &&PolicyConf| p.data.on_exhausted == OnExhausted::Alert;
+    let mut own: Vec<&PolicyConf> = cfg.policies_of(s).filter(ok).collect();
+    let groups = cfg.group_subjects(s);
+    let templates: Vec<&PolicyConf> = groups
+        .iter()
+        .flat_map(|g| cfg.policies_of(g).filter(ok))
+        .collect();
+    let mut alerts: Vec<&PolicyConf> = own
+        .iter()
+        .chain(&templates)
+        .copied()
+        .filter(alert)
+        .collect();
+    own.retain(|p| !alert(p));
+    let mut best: Vec<&PolicyConf> = Vec::new();
+    for t in templates.into_iter().filter(|p| !alert(p)) {
+        match best.iter_mut().find(|b| same_shape(b, t)) {
+            Some(b) => *b = larger(b, t),
+            None => best.push(t),
+        }
+    }
+    for t in best {
+        let rival = (0..own.len())
+            .filter(|&i| same_shape(own[i], t))
+            .reduce(|a, b| {
+                if std::ptr::eq(larger(own[a], own[b]), own[a]) {
+                    a
+                } else {
+                    b
+                }
+            });
+        match rival {
+            Some(i) if t.data.limit > own[i].data.limit => own[i] = t,
+            Some(_) => {}
+            None => own.push(t),
+        }
+    }
+    own.append(&mut alerts);
+    own
+}
+
+/// The checks of chain subject `s` for this request (model group and billing isolation).
 fn candidates_for<'a>(
     state: &'a QuotaState,
     s: &Subject,
     model_group: Option<&str>,
     skip_global_spend: bool,
 ) -> Vec<Candidate<'a>> {
-    let applies = |p: &&PolicyConf| {
+    let applies = |p: &PolicyConf| {
         let d = &p.data;
-        d.enabled
-            && (d.model_group.is_none() || d.model_group.as_deref() == model_group)
+        (d.model_group.is_none() || d.model_group.as_deref() == model_group)
             && !(skip_global_spend && d.model_group.is_none() && d.metric.is_spend())
     };
-    let own = state.config.policies_of(s).filter(applies);
-    let groups = group_subjects(state, s);
-    let via_groups = groups
-        .iter()
-        .flat_map(|g| state.config.policies_of(g).filter(applies));
-    let mut merged: Vec<&PolicyConf> = Vec::new();
-    for p in own.chain(via_groups) {
-        match merged.iter_mut().find(|m| shape(m) == shape(p)) {
-            Some(m) if p.data.limit > m.data.limit => *m = p,
-            Some(_) => {}
-            None => merged.push(p),
-        }
-    }
-    merged
+    merged(state, s, &applies)
         .into_iter()
         .map(|policy| Candidate {
             policy,
@@ -123,7 +159,7 @@ fn candidates_for<'a>(
 }
 
 /// Whether `s` is disabled at `t`: by an operator, or by an exhausted `disable` policy (own or
-/// group, any model group) in its current window. Returns the time it recovers, if known.
+/// group, any model group) that won its merge. Returns the time it recovers, if known.
 fn disabled_until(
     state: &QuotaState,
     s: &Subject,
@@ -132,54 +168,58 @@ fn disabled_until(
     if state.config.subject(s).is_some_and(|c| c.disabled) {
         return Some(None);
     }
-    let groups = group_subjects(state, s);
-    let policies = state
-        .config
-        .policies_of(s)
-        .chain(groups.iter().flat_map(|g| state.config.policies_of(g)));
-    for p in policies {
-        if !p.data.enabled || p.data.on_exhausted != OnExhausted::Disable {
-            continue;
-        }
-        let limit = p
-            .data
-            .limit
-            .saturating_add(state.config.grant_total(p, s, t));
-        if state.used(p, s, t) >= limit {
-            return Some(recovery(state, p, s, t, limit, 0));
-        }
-    }
-    None
+    let all = |_: &PolicyConf| true;
+    merged(state, s, &all)
+        .into_iter()
+        .filter(|p| p.data.on_exhausted == OnExhausted::Disable)
+        .find_map(|p| {
+            let limit = state.limit_of(p, s, t);
+            (state.used(p, s, t) >= limit)
+                .then(|| recovery(state, p, s, t, limit.saturating_sub(1), false))
+        })
 }
 
-/// When enough usage leaves the window for `used + reserved + need ≤ limit`: the window's end
-/// for calendar and periodic windows, the minute enough old usage ages out for rolling ones.
+/// The earliest time, with no new usage, at which the pool's `used` (plus its reservations then,
+/// when `with_reserved`) is at most `slack`: the window's end for calendar and periodic windows,
+/// the minute enough old usage ages out for rolling ones, never for lifetime windows.
 fn recovery(
     state: &QuotaState,
     p: &PolicyConf,
     pool: &Subject,
     t: DateTime<Utc>,
-    limit: i64,
-    need: i64,
+    slack: i64,
+    with_reserved: bool,
 ) -> Option<DateTime<Utc>> {
-    match p.spec.kind() {
-        "calendar" | "periodic" => p.spec.next_reset(t),
-        "rolling" => {
-            let b = p.spec.bounds(t)?;
-            let length = b.end - b.start;
-            let mut excess = state.used(p, pool, t) + state.reserved(p, pool, t) + need - limit;
-            if need > limit {
+    let reserved_at = |at| {
+        if with_reserved {
+            state.reserved(p, pool, at)
+        } else {
+            0
+        }
+    };
+    match p.spec {
+        WindowSpec::Calendar { .. } | WindowSpec::Periodic { .. } => {
+            let end = p.spec.next_reset(t)?;
+            let held = state.used(p, pool, end).saturating_add(reserved_at(end));
+            (held <= slack).then_some(end)
+        }
+        WindowSpec::Rolling { .. } => {
+            let allowed = slack.saturating_sub(reserved_at(t));
+            if allowed < 0 {
                 return None;
             }
+            let b = p.spec.bounds(t)?;
+            let length = b.end - b.start;
+            let mut used = state.used(p, pool, t);
             for (minute, amount) in state.minute_amounts(p, pool, b.start, b.end) {
-                excess -= amount;
-                if excess < 0 || (need == 0 && excess <= 0) {
-                    return Some(minute + length);
+                used = used.saturating_sub(amount);
+                if used <= allowed {
+                    return minute.checked_add_signed(length);
                 }
             }
             None
         }
-        _ => None,
+        WindowSpec::Lifetime => None,
     }
 }
 
@@ -222,6 +262,13 @@ impl QuotaState {
         }
     }
 
+    /// A policy's limit for `pool` at `t`: its own plus the grants active then.
+    pub fn limit_of(&self, p: &PolicyConf, pool: &Subject, t: DateTime<Utc>) -> i64 {
+        p.data
+            .limit
+            .saturating_add(self.config.grant_total(p, pool, t))
+    }
+
     /// Decide an admission.
     pub fn decide(&self, req: &AdmitRequest<'_>) -> Decision {
         self.decide_with(req, UnknownSubjects::Admit)
@@ -255,123 +302,171 @@ impl QuotaState {
         self.decide_admitted(req)
     }
 
+    /// Every check of a request of `r` (chain, model group, flags), in chain order, each pool
+    /// once whatever the path to it.
+    fn candidates<'a>(&'a self, r: &Resolved) -> Vec<Candidate<'a>> {
+        let key_axis = r.chain.first().filter(|s| s.kind() == "key");
+        let user_axis = r.chain.iter().find(|s| s.kind() == "user");
+        let mut seen: Vec<(&str, &Subject)> = Vec::new();
+        let mut out = Vec::new();
+        for s in &r.chain {
+            let skip = (!r.counted_in_key_global && key_axis == Some(s))
+                || (!r.counted_in_user_global && user_axis == Some(s));
+            for c in candidates_for(self, s, r.model_group.as_deref(), skip) {
+                let id = (c.policy.data.policy_id.as_str(), s);
+                if !seen.contains(&id) {
+                    seen.push(id);
+                    out.push(c);
+                }
+            }
+        }
+        out
+    }
+
     fn decide_admitted(&self, req: &AdmitRequest<'_>) -> Decision {
         let r = self.resolve(req.leaf, req.model);
-        let (chain, model_group) = (r.chain, r.model_group);
-        let key_axis = chain.first().filter(|s| s.kind() == "key").cloned();
-        let user_axis = chain.iter().find(|s| s.kind() == "user").cloned();
-        let (key_iso, user_iso) = (!r.counted_in_key_global, !r.counted_in_user_global);
+        let candidates = self.candidates(&r);
         let mut d = Decision {
             admitted: true,
             reason: None,
             retry_after_seconds: None,
-            model_group: model_group.clone(),
-            chain: chain.clone(),
-            counted_in_key_global: !key_iso,
-            counted_in_user_global: !user_iso,
+            model_group: r.model_group.clone(),
+            chain: r.chain.clone(),
+            counted_in_key_global: r.counted_in_key_global,
+            counted_in_user_global: r.counted_in_user_global,
             estimate: req.estimate,
-            checks: Vec::new(),
+            checks: Vec::with_capacity(candidates.len() + 1),
             alerts: Vec::new(),
             disabled: false,
         };
-        let mut seen: Vec<(String, Subject)> = Vec::new();
-        for s in &chain {
-            let skip = (key_iso && key_axis.as_ref() == Some(s))
-                || (user_iso && user_axis.as_ref() == Some(s));
-            for c in candidates_for(self, s, model_group.as_deref(), skip) {
-                let id = (c.policy.data.policy_id.clone(), c.pool.clone());
-                if seen.contains(&id) {
-                    continue;
-                }
-                seen.push(id);
-                self.decide_check(&c, req, &mut d);
-            }
+        for c in &candidates {
+            self.decide_check(c, req, &mut d);
         }
         self.decide_credits(req, &mut d);
         self.decide_disabled(req, &mut d);
         d
     }
 
+    /// Alerts due for a request's pools at `t` after its usage settled: every `alert` check
+    /// whose pool is exhausted (settled used ≥ limit) and was not alerted in this window.
+    pub fn alerts_due(&self, r: &Resolved, t: DateTime<Utc>) -> Vec<ThresholdCrossed> {
+        self.candidates(r)
+            .iter()
+            .filter(|c| c.policy.data.on_exhausted == OnExhausted::Alert)
+            .filter_map(|c| self.alert_of(c, t))
+            .collect()
+    }
+
+    fn alert_of(&self, c: &Candidate<'_>, t: DateTime<Utc>) -> Option<ThresholdCrossed> {
+        let p = &c.policy.data;
+        let limit = self.limit_of(c.policy, &c.pool, t);
+        let used = self.used(c.policy, &c.pool, t);
+        let window = c.policy.spec.bounds(t);
+        let start = window.filter(|_| c.policy.windowed()).map(|w| w.start);
+        (used >= limit && !self.alerted(&p.policy_id, &c.pool, start)).then(|| ThresholdCrossed {
+            policy_id: p.policy_id.clone(),
+            subject: c.pool.clone(),
+            window,
+            limit,
+            used,
+        })
+    }
+
     fn decide_check(&self, c: &Candidate<'_>, req: &AdmitRequest<'_>, d: &mut Decision) {
         let p = &c.policy.data;
         let t = req.at;
-        let limit = p
-            .limit
-            .saturating_add(self.config.grant_total(c.policy, &c.pool, t));
+        let limit = self.limit_of(c.policy, &c.pool, t);
         let used = self.used(c.policy, &c.pool, t);
         let reserved = self.reserved(c.policy, &c.pool, t);
         let need = p.metric.of(&d.estimate);
-        let after = used.saturating_add(reserved).saturating_add(need);
+        let held = used.saturating_add(reserved);
+        let after = held.saturating_add(need);
         let within = match p.boundary {
             Boundary::Strict => after <= limit,
-            Boundary::Graceful => used + reserved < limit,
+            Boundary::Graceful => held < limit,
         };
-        let window = c.policy.spec.bounds(t);
         let outcome = match (p.on_exhausted, within, after > limit) {
-            (OnExhausted::Alert, _, true) => Outcome::SoftExceeded,
-            (_, true, true) => Outcome::SoftExceeded,
-            (_, true, false) | (OnExhausted::Alert, _, _) => Outcome::Pass,
+            (OnExhausted::Alert, _, true) | (_, true, true) => Outcome::SoftExceeded,
+            (OnExhausted::Alert, _, false) | (_, true, false) => Outcome::Pass,
             (_, false, _) => Outcome::Fail,
         };
         if p.on_exhausted == OnExhausted::Alert
-            && after > limit
-            && !self.alerted(&p.policy_id, &c.pool, window.map(|w| w.start))
+            && let Some(a) = self.alert_of(c, t)
         {
-            d.alerts.push(ThresholdCrossed {
-                policy_id: p.policy_id.clone(),
-                subject: c.pool.clone(),
-                window,
-                limit,
-                used: after,
-            });
+            d.alerts.push(a);
         }
         if outcome == Outcome::Fail {
-            let retry =
-                recovery(self, c.policy, &c.pool, t, limit, need).map(|r| seconds_until(t, r));
-            self.fail(d, Reason::LimitExceeded, retry);
+            let retry = self
+                .retry_at(c, t, limit, need)
+                .map(|r| seconds_until(t, r));
+            fail(d, Reason::LimitExceeded, retry);
         }
         d.checks.push(Check {
             policy_id: p.policy_id.clone(),
             subject: c.pool.clone(),
             metric: p.metric,
-            window,
+            window: c.policy.spec.bounds(t),
             limit,
             used,
             reserved,
-            remaining: (limit - used - reserved).max(0),
+            remaining: limit.saturating_sub(held).max(0),
             outcome,
         });
     }
 
-    /// Record a failing check: the first failure names the reason; the retry hint is the
-    /// latest of all failing checks', and unknown if any of them cannot say.
-    fn fail(&self, d: &mut Decision, reason: Reason, retry: Option<i64>) {
-        let first = d.admitted;
-        d.admitted = false;
-        d.reason.get_or_insert(reason);
-        d.retry_after_seconds = match (first, d.retry_after_seconds, retry) {
-            (true, _, r) => r,
-            (false, Some(a), Some(b)) => Some(a.max(b)),
-            _ => None,
+    /// The earliest time at which this failing check would pass (SPEC v2 §4): usage ageing out
+    /// or the window ending, or a grant starting that raises the limit enough, whichever first.
+    fn retry_at(
+        &self,
+        c: &Candidate<'_>,
+        t: DateTime<Utc>,
+        limit: i64,
+        need: i64,
+    ) -> Option<DateTime<Utc>> {
+        // Passes iff used + reserved ≤ slack (strict: the estimate fits; graceful: below the limit).
+        let slack = |limit: i64| match c.policy.data.boundary {
+            Boundary::Strict => limit.saturating_sub(need),
+            Boundary::Graceful => limit.saturating_sub(1),
         };
+        if slack(limit) < 0 {
+            return None; // the estimate alone exceeds the limit: no time helps
+        }
+        let by_window = recovery(self, c.policy, &c.pool, t, slack(limit), true);
+        let mut starts: Vec<DateTime<Utc>> = self
+            .config
+            .grants_for(c.policy, &c.pool)
+            .map(|g| g.starts_at)
+            .filter(|s| *s > t && by_window.is_none_or(|w| *s < w))
+            .collect();
+        starts.sort_unstable();
+        let by_grant = starts.into_iter().find(|s| {
+            let held = self
+                .used(c.policy, &c.pool, *s)
+                .saturating_add(self.reserved(c.policy, &c.pool, *s));
+            held <= slack(self.limit_of(c.policy, &c.pool, *s))
+        });
+        by_grant.or(by_window)
     }
 
     fn decide_credits(&self, req: &AdmitRequest<'_>, d: &mut Decision) {
-        let Some(pool) = self.credit_pool(&d.chain) else {
+        let Some((pool, account)) = self
+            .credit_pool(&d.chain)
+            .and_then(|p| self.account(&p).map(|a| (p, a)))
+        else {
             d.estimate.credits = req.credits.unwrap_or(0);
             return;
         };
-        let account = self.account(&pool).expect("credit pool has an account");
         let need = req.credits.unwrap_or(1);
         d.estimate.credits = need;
         let balance = account.balance_at(req.at);
-        let remaining = balance - account.reserved;
+        let remaining = balance.saturating_sub(account.reserved);
         let pass = remaining >= need;
         if !pass {
             let retry = account
                 .next_refill(req.at)
+                .filter(|_| account.refill.is_some_and(|r| r.amount >= need))
                 .map(|r| seconds_until(req.at, r));
-            self.fail(d, Reason::CreditsExhausted, retry);
+            fail(d, Reason::CreditsExhausted, retry);
         }
         d.checks.push(Check {
             policy_id: CREDITS_CHECK.into(),
@@ -387,27 +482,45 @@ impl QuotaState {
     }
 
     fn decide_disabled(&self, req: &AdmitRequest<'_>, d: &mut Decision) {
-        let mut until: Option<Option<DateTime<Utc>>> = None;
+        let (mut any, mut unknown) = (false, false);
+        let mut latest: Option<DateTime<Utc>> = None;
         for s in &d.chain {
-            if let Some(u) = disabled_until(self, s, req.at) {
-                until = Some(match (until.flatten(), u) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    (_, None) => None,
-                    (None, b) if until.is_none() => b,
-                    (a, _) => a,
-                });
+            match disabled_until(self, s, req.at) {
+                None => {}
+                Some(None) => (any, unknown) = (true, true),
+                Some(Some(u)) => {
+                    any = true;
+                    latest = Some(latest.map_or(u, |l| l.max(u)));
+                }
             }
         }
-        if let Some(u) = until {
+        if any {
             d.disabled = true;
             d.admitted = false;
             d.reason = Some(Reason::SubjectDisabled);
-            d.retry_after_seconds = u.map(|u| seconds_until(req.at, u));
+            d.retry_after_seconds = if unknown {
+                None
+            } else {
+                latest.map(|u| seconds_until(req.at, u))
+            };
         }
         if !d.admitted {
             d.alerts.clear();
         }
     }
+}
+
+/// Record a failing check: the first failure names the reason; the retry hint is the latest of
+/// all failing checks', and unknown if any of them cannot say.
+fn fail(d: &mut Decision, reason: Reason, retry: Option<i64>) {
+    let first = d.admitted;
+    d.admitted = false;
+    d.reason.get_or_insert(reason);
+    d.retry_after_seconds = match (first, d.retry_after_seconds, retry) {
+        (true, _, r) => r,
+        (false, Some(a), Some(b)) => Some(a.max(b)),
+        _ => None,
+    };
 }
 
 #[cfg(test)]

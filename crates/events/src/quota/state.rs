@@ -2,26 +2,44 @@
 //! pool, manual resets, credit balances and alerts already sent — all one fold over the events in
 //! stream order. The API keeps one in memory (fed by its own writes and the stream tail); a
 //! replay of the ledger through the same `apply` gives the same state.
+//!
+//! Arithmetic never panics and never wraps (SPEC v2 §4): every total saturates at `i64::MAX`, so
+//! a pool pushed to saturation reads as exhausted and the fold goes on.
 
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::buckets::{Buckets, epoch_minute, minute_instant};
+use super::bounded::Bounded;
+use super::buckets::{Buckets, Horizons, minute_instant};
 use super::config::{Config, PolicyConf};
 use super::credits::Account;
-use crate::envelope::{AdmissionDecided, Envelope, EventData, UsageSettled};
-use crate::model::{Check, Metric, Subject, Usage};
+use crate::envelope::{AdmissionDecided, CreditsAdjusted, Envelope, EventData, UsageSettled};
+use crate::model::{Check, CreditOp, Metric, Refill, Subject, Usage, Window};
+use crate::request::MAX_SETTLEMENTS_PER_REQUEST;
+use crate::window::{WindowSpec, epoch_minute};
 
 /// The `policy_id` of the credits check in an admission's checks.
 pub const CREDITS_CHECK: &str = "credits";
-/// Most requests with open state (reservations, settlement ids). Beyond it, the oldest are
-/// forgotten first (their reservations would have expired anyway).
+/// Most requests with open state (reservations, settlement ids). Past it, the closed requests
+/// seen longest ago are forgotten first (a retry of one of them would then be decided afresh);
+/// admitted requests still holding a reservation are never forgotten: their expiry releases it.
 pub const MAX_OPEN_REQUESTS: usize = 4_000_000;
+/// Configuration event ids remembered to recognise the echo of this instance's own writes on
+/// the stream (it arrives within the tail's lag, seconds at most).
+pub const MAX_APPLIED_IDS: usize = 100_000;
+/// Alerts remembered (one per pool and window): older ones are for windows long past.
+pub const MAX_ALERTED: usize = 1_000_000;
+/// Credit write ids remembered with their first answer (SPEC v2 §6 idempotent credits writes).
+pub const MAX_CREDIT_WRITE_IDS: usize = 1_000_000;
+/// How long a request id names the same request (SPEC §4.6, §5): twice the default reservation
+/// TTL. Within it a second decision for the id is a duplicate; after it, a new request.
+pub const DEFAULT_IDEMPOTENCY_MINUTES: i64 = 30;
 
 /// A usage slice of one subject: the request's model group and frozen counted flags.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SliceKey {
     /// Model group, "" for none.
     pub model_group: String,
@@ -32,7 +50,7 @@ pub struct SliceKey {
 }
 
 /// Where a reservation is held: a policy's pool in one window (None: rolling and lifetime).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PoolKey {
     /// Policy.
     pub policy_id: String,
@@ -42,20 +60,54 @@ pub struct PoolKey {
     pub window_start: Option<DateTime<Utc>>,
 }
 
-/// A manual reset of a pool.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A manual reset of a pool (SPEC v2 §6): usage recorded before it (stream order) no longer
+/// counts in the window it was made in; usage recorded after it counts in full.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reset {
-    /// Start of the window it applies to (None for lifetime and rolling).
+    /// The policy's metric, model group and window when the reset was made: once any of them
+    /// changes, the reset is void.
+    #[serde(with = "super::snapshot::as_json")]
+    pub shape: (Metric, Option<String>, Window),
+    /// Start of the window it applies to (calendar and periodic; None for lifetime, rolling).
     pub window_start: Option<DateTime<Utc>>,
-    /// Usage of the window when it was reset (no longer counted).
+    /// Calendar, periodic and lifetime: the window's usage when it was reset.
     pub offset: i64,
-    /// Epoch minute of the reset: rolling windows count only later minutes.
-    pub minute: i64,
+    /// Rolling: the amounts recorded before the reset in each minute from the reset window's
+    /// start on, as running totals `(epoch minute, total up to and including it)`, so the part
+    /// of any later window they cover is two binary searches.
+    pub captured: Vec<(i64, i64)>,
+}
+
+impl Reset {
+    /// Captured amounts in epoch minutes `[from, to)`.
+    fn captured_in(&self, from: i64, to: i64) -> i64 {
+        let upto = |m: i64| {
+            let i = self.captured.partition_point(|(cm, _)| *cm < m);
+            if i == 0 { 0 } else { self.captured[i - 1].1 }
+        };
+        upto(to).saturating_sub(upto(from)).max(0)
+    }
+
+    /// Captured amount of one minute.
+    fn captured_at(&self, m: i64) -> i64 {
+        self.captured_in(m, m.saturating_add(1))
+    }
+}
+
+/// The first answer of a credit write, returned again for the same `id`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditAnswer {
+    /// The subject written.
+    pub subject: Subject,
+    /// Remaining after the write (None once cleared).
+    pub remaining: Option<i64>,
+    /// Refill schedule after the write.
+    pub refill: Option<Refill>,
 }
 
 /// What one request holds.
-#[derive(Clone, Debug, Default)]
-struct Open {
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(super) struct Open {
     admission_id: Option<Uuid>,
     /// Leaf subject of the admission.
     leaf: Option<Subject>,
@@ -63,6 +115,8 @@ struct Open {
     received_at: Option<DateTime<Utc>>,
     pools: Vec<(PoolKey, Metric)>,
     credit_pool: Option<Subject>,
+    /// The credit balance's epoch when the request was admitted.
+    credit_epoch: u64,
     estimate: Usage,
     settled: Usage,
     settlement_ids: HashSet<String>,
@@ -70,28 +124,115 @@ struct Open {
     seen_at: DateTime<Utc>,
 }
 
+/// What a request holds, per metric in [`Metric::ALL`] order.
+type Held = [i64; 6];
+
 impl Open {
     /// The part of the estimate still held: the estimate less what was settled, while open.
     fn held(&self, m: Metric) -> i64 {
         if self.closed {
             return 0;
         }
-        (m.of(&self.estimate) - m.of(&self.settled)).max(0)
+        m.of(&self.estimate)
+            .saturating_sub(m.of(&self.settled))
+            .max(0)
+    }
+
+    /// [`Open::held`] of every metric.
+    fn held_all(&self) -> Held {
+        Metric::ALL.map(|m| self.held(m))
+    }
+}
+
+/// Move pool reservations of `open` from what it held (`before`) to what it holds now.
+fn shift_reserved(
+    reserved: &mut HashMap<PoolKey, i64>,
+    credits: &mut HashMap<Subject, Account>,
+    open: &Open,
+    before: Held,
+) {
+    let after = open.held_all();
+    if after == before {
+        return;
+    }
+    for (key, metric) in &open.pools {
+        let delta = after[metric.index()].saturating_sub(before[metric.index()]);
+        if delta == 0 {
+            continue;
+        }
+        let slot = reserved.entry(key.clone()).or_insert(0);
+        *slot = slot.saturating_add(delta).max(0);
+        if *slot == 0 {
+            reserved.remove(key);
+        }
+    }
+    if let Some(pool) = &open.credit_pool {
+        let c = Metric::Credits.index();
+        let delta = after[c].saturating_sub(before[c]);
+        if let Some(acc) = credits.get_mut(pool)
+            && acc.epoch == open.credit_epoch
+        {
+            acc.reserved = acc.reserved.saturating_add(delta).max(0);
+        }
     }
 }
 
 /// The whole fold.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct QuotaState {
     /// Configuration.
     pub config: Config,
-    usage: HashMap<Subject, HashMap<SliceKey, Buckets>>,
-    reserved: HashMap<PoolKey, i64>,
-    open: HashMap<String, Open>,
-    resets: HashMap<(String, Subject), Reset>,
+    pub(super) usage: HashMap<Subject, HashMap<SliceKey, Buckets>>,
+    pub(super) reserved: HashMap<PoolKey, i64>,
+    pub(super) open: HashMap<String, Open>,
+    pub(super) resets: HashMap<(String, Subject), Reset>,
     pub(super) credits: HashMap<Subject, Account>,
-    alerted: HashSet<(String, Subject, Option<DateTime<Utc>>)>,
-    applied: HashSet<Uuid>,
+    pub(super) credit_epochs: u64,
+    pub(super) credit_writes: Bounded<String, CreditAnswer>,
+    pub(super) alerted: Bounded<(String, Subject, Option<DateTime<Utc>>), ()>,
+    pub(super) applied: Bounded<Uuid, ()>,
+    /// Subjects still to compact in the current round (see [`QuotaState::compact`]).
+    pub(super) compact_queue: Vec<Subject>,
+    /// The stream's clock: the latest server time among the events folded (admissions' receipt,
+    /// UUID v7 event ids). Forgetting requests runs on it, not on the wall clock, so a replay
+    /// forgets exactly what the live instance forgot.
+    pub(super) clock: Option<DateTime<Utc>>,
+    /// How long a request id names one request (see [`DEFAULT_IDEMPOTENCY_MINUTES`]).
+    pub(super) idempotency: chrono::Duration,
+}
+
+impl Default for QuotaState {
+    fn default() -> Self {
+        QuotaState {
+            config: Config::default(),
+            usage: HashMap::new(),
+            reserved: HashMap::new(),
+            open: HashMap::new(),
+            resets: HashMap::new(),
+            credits: HashMap::new(),
+            credit_epochs: 0,
+            credit_writes: Bounded::new(MAX_CREDIT_WRITE_IDS),
+            alerted: Bounded::new(MAX_ALERTED),
+            applied: Bounded::new(MAX_APPLIED_IDS),
+            compact_queue: Vec::new(),
+            clock: None,
+            idempotency: chrono::Duration::minutes(DEFAULT_IDEMPOTENCY_MINUTES),
+        }
+    }
+}
+
+/// The server time of a UUID v7 event id.
+fn id_time(id: &Uuid) -> Option<DateTime<Utc>> {
+    let (secs, nanos) = id.get_timestamp()?.to_unix();
+    DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
+}
+
+/// A settlement's identity within its request: its admission and its settlement id.
+fn settlement_key(d: &UsageSettled) -> String {
+    match d.admission_id {
+        Some(a) => format!("{a}/{}", d.settlement_id),
+        None => format!("-/{}", d.settlement_id),
+    }
 }
 
 impl QuotaState {
@@ -99,21 +240,46 @@ impl QuotaState {
     /// writes at once and sees them again on the stream) and a configuration event id already
     /// seen change nothing.
     pub fn apply(&mut self, env: &Envelope) {
+        self.tick(env);
         match &env.data {
             EventData::AdmissionDecided(d) => self.apply_admission(env, d),
             EventData::UsageSettled(d) => self.apply_settlement(env, d),
-            EventData::ReservationReleased(_) | EventData::ReservationExpired(_) => {
-                if let Some(rid) = &env.request_id {
+            EventData::ReservationReleased(e) | EventData::ReservationExpired(e) => {
+                if let Some(rid) = &env.request_id
+                    && self.open.get(rid).and_then(|o| o.admission_id) == Some(e.admission_id)
+                {
                     self.close(rid);
                 }
             }
             _ => {
-                if !self.applied.insert(env.id) {
-                    return;
+                if self.applied.insert(env.id, ()) {
+                    self.apply_config(env);
                 }
-                self.apply_config(env);
             }
         }
+    }
+
+    /// Move the stream clock to the event's server time.
+    fn tick(&mut self, env: &Envelope) {
+        let t = match &env.data {
+            EventData::AdmissionDecided(d) => Some(d.received_at),
+            _ => id_time(&env.id),
+        };
+        if let Some(t) = t
+            && self.clock.is_none_or(|c| t > c)
+        {
+            self.clock = Some(t);
+        }
+    }
+
+    /// Set how long a request id names one request (twice the reservation TTL).
+    pub fn set_idempotency(&mut self, d: chrono::Duration) {
+        self.idempotency = d;
+    }
+
+    /// The stream clock: the latest server time folded.
+    pub fn clock(&self) -> Option<DateTime<Utc>> {
+        self.clock
     }
 
     fn apply_config(&mut self, env: &Envelope) {
@@ -121,27 +287,130 @@ impl QuotaState {
             EventData::WindowReset(r) => self.apply_reset(&r.policy_id, &r.subject, r.at),
             EventData::CreditsAdjusted(c) => {
                 if let Some(s) = &env.subject {
-                    let account = self.credits.entry(s.clone()).or_default();
-                    account.adjust(c, env.occurred_at);
+                    self.apply_credits(s, c, env.occurred_at, id_time(&env.id));
                 }
             }
             EventData::ThresholdCrossed(t) => {
                 let start = t.window.map(|w| w.start);
                 self.alerted
-                    .insert((t.policy_id.clone(), t.subject.clone(), start));
+                    .insert((t.policy_id.clone(), t.subject.clone(), start), ());
             }
-            _ => self.config.apply(env),
+            EventData::SubjectDeleted(_) => {
+                if let Some(s) = env.subject.clone() {
+                    let owned: Vec<String> = self
+                        .config
+                        .policies_of(&s)
+                        .map(|p| p.data.policy_id.clone())
+                        .collect();
+                    self.config.apply(env);
+                    self.resets
+                        .retain(|(id, pool), _| pool != &s && !owned.contains(id));
+                    self.credits.remove(&s);
+                }
+            }
+            _ => {
+                self.config.apply(env);
+                self.void_stale_resets();
+            }
         }
+    }
+
+    /// A reset is void once its policy is deleted or its metric, model group or window changes.
+    fn void_stale_resets(&mut self) {
+        let config = &self.config;
+        self.resets.retain(|(id, _), r| {
+            config.policy(id).is_some_and(|p| {
+                let d = &p.data;
+                (d.metric, d.model_group.as_ref(), &d.window)
+                    == (r.shape.0, r.shape.1.as_ref(), &r.shape.2)
+            })
+        });
+    }
+
+    fn apply_credits(
+        &mut self,
+        s: &Subject,
+        c: &CreditsAdjusted,
+        at: DateTime<Utc>,
+        barrier_at: Option<DateTime<Utc>>,
+    ) {
+        if let Some(id) = &c.id
+            && self.credit_writes.contains(id)
+        {
+            return;
+        }
+        let answer = if c.op == CreditOp::Clear {
+            self.credits.remove(s);
+            CreditAnswer {
+                subject: s.clone(),
+                remaining: None,
+                refill: None,
+            }
+        } else {
+            let fresh = !self.credits.contains_key(s);
+            if fresh || c.op == CreditOp::Set {
+                self.credit_epochs += 1;
+            }
+            let epoch = self.credit_epochs;
+            let account = self.credits.entry(s.clone()).or_default();
+            if fresh || c.op == CreditOp::Set {
+                // The barrier: reservations and charges of earlier requests stay in the old epoch.
+                account.epoch = epoch;
+                account.reserved = 0;
+                account.barrier_at = barrier_at;
+            }
+            account.adjust(c, at);
+            CreditAnswer {
+                subject: s.clone(),
+                remaining: Some(account.remaining_at(at)),
+                refill: account.refill,
+            }
+        };
+        if let Some(id) = &c.id {
+            self.credit_writes.insert(id.clone(), answer);
+        }
+    }
+
+    /// The first answer of the credit write `id`, if it was applied.
+    pub fn credit_write(&self, id: &str) -> Option<&CreditAnswer> {
+        self.credit_writes.get(&id.to_owned())
     }
 
     fn apply_admission(&mut self, env: &Envelope, d: &AdmissionDecided) {
         let Some(rid) = env.request_id.clone() else {
             return;
         };
-        let open = self.open.entry(rid.clone()).or_default();
-        if open.admission_id.is_some() {
-            return;
+        if let Some(o) = self.open.get(&rid)
+            && o.admission_id.is_some()
+        {
+            // The same decision again, or a racing one while the id still names its request:
+            // nothing changes. A closed request whose idempotency window has passed (what
+            // `is_admitted` and `prune` go by) is forgotten: the id names a new request.
+            let window_over = o
+                .received_at
+                .and_then(|r| r.checked_add_signed(self.idempotency))
+                .is_some_and(|end| self.clock.is_some_and(|c| end <= c));
+            if o.admission_id == Some(d.admission_id) || !o.closed || !window_over {
+                return;
+            }
+            self.open.remove(&rid);
         }
+        let mut pools = Vec::new();
+        let mut credit_pool = None;
+        if d.admitted {
+            for c in &d.checks {
+                if c.policy_id == CREDITS_CHECK {
+                    credit_pool = Some(c.subject.clone());
+                } else {
+                    pools.push((self.pool_key(c), c.metric));
+                }
+            }
+        }
+        let credit_epoch = credit_pool
+            .as_ref()
+            .and_then(|p| self.credits.get(p))
+            .map_or(0, |a| a.epoch);
+        let open = self.open.entry(rid).or_default();
         open.admission_id = Some(d.admission_id);
         open.leaf = d.chain.first().cloned();
         open.received_at = Some(d.received_at);
@@ -152,31 +421,17 @@ impl QuotaState {
             return;
         }
         open.estimate = d.estimate;
-        let mut pools = Vec::new();
-        let mut credit_pool = None;
-        for c in &d.checks {
-            if c.policy_id == CREDITS_CHECK {
-                credit_pool = Some(c.subject.clone());
-            } else {
-                pools.push((self.pool_key(c), c.metric));
-            }
-        }
-        let open = self.open.get_mut(&rid).expect("just inserted");
         open.pools = pools;
         open.credit_pool = credit_pool;
-        let before = Open {
-            closed: true,
-            ..open.clone()
-        };
-        let after = open.clone();
-        self.shift_reserved(&before, &after);
+        open.credit_epoch = credit_epoch;
+        shift_reserved(&mut self.reserved, &mut self.credits, open, [0; 6]);
     }
 
     fn pool_key(&self, c: &Check) -> PoolKey {
         let windowed = self
             .config
             .policy(&c.policy_id)
-            .is_some_and(|p| matches!(p.spec.kind(), "calendar" | "periodic"));
+            .is_some_and(PolicyConf::windowed);
         PoolKey {
             policy_id: c.policy_id.clone(),
             subject: c.subject.clone(),
@@ -188,53 +443,67 @@ impl QuotaState {
         }
     }
 
-    /// Move pool reservations from what `before` held to what `after` holds.
-    fn shift_reserved(&mut self, before: &Open, after: &Open) {
-        for (key, metric) in &after.pools {
-            let delta = after.held(*metric) - before.held(*metric);
-            if delta != 0 {
-                let slot = self.reserved.entry(key.clone()).or_insert(0);
-                *slot += delta;
-                debug_assert!(*slot >= 0, "reserved never goes negative");
-                if *slot <= 0 {
-                    self.reserved.remove(key);
-                }
-            }
-        }
-        if let Some(pool) = &after.credit_pool {
-            let delta = after.held(Metric::Credits) - before.held(Metric::Credits);
-            if let Some(acc) = self.credits.get_mut(pool) {
-                acc.reserved = (acc.reserved + delta).max(0);
-            }
-        }
-    }
-
     fn apply_settlement(&mut self, env: &Envelope, d: &UsageSettled) {
         let Some(rid) = env.request_id.clone() else {
             return;
         };
-        let open = self.open.entry(rid.clone()).or_default();
-        if !open.settlement_ids.insert(d.settlement_id.clone()) {
+        let open = self.open.entry(rid).or_default();
+        let key = settlement_key(d);
+        if open.settlement_ids.contains(&key) {
             return;
+        }
+        // Past the bound a settlement still counts (the usage happened) but its id is not kept;
+        // the API refuses more settlements per request than this, so only a hand-made event
+        // gets here.
+        if open.settlement_ids.len() < MAX_SETTLEMENTS_PER_REQUEST {
+            open.settlement_ids.insert(key);
         }
         if open.seen_at < env.occurred_at {
             open.seen_at = env.occurred_at;
         }
-        let before = open.clone();
-        open.settled = open.settled.plus(&d.usage);
-        if d.is_final {
-            open.closed = true;
+        // A settlement of another decision for the id (an earlier request of the same id, or a
+        // racing instance's admission that lost) counts, but holds and releases nothing here.
+        let ours = d.admission_id == open.admission_id;
+        // A request that is closed (refused, released, expired or settled for good) may be
+        // pruned at any time; what a later settlement of it does must not depend on whether it
+        // was, so such a settlement is charged from the event alone, like one for a request
+        // this state never saw.
+        let from_event = !ours || open.closed;
+        let before = open.held_all();
+        if ours {
+            open.settled = open.settled.plus(&d.usage);
+            if d.is_final {
+                open.closed = true;
+            }
         }
-        let after = open.clone();
-        self.shift_reserved(&before, &after);
+        shift_reserved(&mut self.reserved, &mut self.credits, open, before);
+        // The credit pool and epoch the charge goes to: the admission's when it is ours.
+        let owner = match (from_event, &open.credit_pool) {
+            (true, _) => Some((None, None)),
+            (false, Some(p)) => Some((Some(p.clone()), Some(open.credit_epoch))),
+            (false, None) => None,
+        };
         self.add_usage(d);
-        let pool = after
-            .credit_pool
-            .clone()
-            .or_else(|| self.credit_pool(&d.chain));
+        if d.usage.credits != 0
+            && let Some(owner) = owner
+        {
+            self.charge_credits(owner, d);
+        }
+    }
+
+    /// Charge settled credits to the admission's credit pool in the admission's epoch, or, from
+    /// the event alone, to the chain's credit pool now, unless that balance was set (a barrier)
+    /// after the admission was decided.
+    fn charge_credits(&mut self, owner: (Option<Subject>, Option<u64>), d: &UsageSettled) {
+        let (pool, epoch) = match owner {
+            (Some(p), epoch) => (Some(p), epoch),
+            (None, _) => (self.credit_pool(&d.chain), None),
+        };
+        let decided_at = d.admission_id.as_ref().and_then(id_time);
         if let Some(pool) = pool
-            && d.usage.credits != 0
             && let Some(acc) = self.credits.get_mut(&pool)
+            && epoch.is_none_or(|e| e == acc.epoch)
+            && (epoch.is_some() || acc.admits_charge_of(decided_at))
         {
             acc.charge(d.usage.credits, d.window_at);
         }
@@ -264,32 +533,50 @@ impl QuotaState {
         let Some(open) = self.open.get_mut(rid) else {
             return;
         };
-        let before = open.clone();
+        let before = open.held_all();
         open.closed = true;
-        let after = open.clone();
-        self.shift_reserved(&before, &after);
+        shift_reserved(&mut self.reserved, &mut self.credits, open, before);
     }
 
     fn apply_reset(&mut self, policy_id: &str, subject: &Subject, at: DateTime<Utc>) {
         let Some(policy) = self.config.policy(policy_id).cloned() else {
             return;
         };
+        let d = &policy.data;
+        let shape = (d.metric, d.model_group.clone(), d.window.clone());
         let bounds = policy.spec.bounds(at);
-        let windowed = matches!(policy.spec.kind(), "calendar" | "periodic");
-        let window_start = if windowed {
-            bounds.map(|b| b.start)
-        } else {
-            None
-        };
-        let raw = self.raw_used(&policy, subject, at);
-        self.resets.insert(
-            (policy_id.to_owned(), subject.clone()),
-            Reset {
-                window_start,
-                offset: raw,
-                minute: epoch_minute(at),
+        let reset = match policy.spec {
+            WindowSpec::Rolling { .. } => {
+                let from = bounds.map_or(i64::MIN, |b| epoch_minute(b.start));
+                let mut total = 0i64;
+                let captured = self
+                    .minute_amounts_raw(&policy, subject, from, i64::MAX)
+                    .into_iter()
+                    .map(|(m, v)| {
+                        total = total.saturating_add(v);
+                        (m, total)
+                    })
+                    .collect();
+                Reset {
+                    shape,
+                    window_start: None,
+                    offset: 0,
+                    captured,
+                }
+            }
+            _ => Reset {
+                shape,
+                window_start: if policy.windowed() {
+                    bounds.map(|b| b.start)
+                } else {
+                    None
+                },
+                offset: self.raw_used(&policy, subject, at),
+                captured: Vec::new(),
             },
-        );
+        };
+        self.resets
+            .insert((policy_id.to_owned(), subject.clone()), reset);
     }
 
     /// Settled usage of `policy`'s pool for `pool` in the window containing `t`, before resets.
@@ -317,35 +604,39 @@ impl QuotaState {
                 };
                 p.metric.of(&u)
             })
-            .sum()
+            .fold(0i64, i64::saturating_add)
     }
 
     /// Settled usage of the pool in the window containing `t`, after a manual reset.
     pub fn used(&self, policy: &PolicyConf, pool: &Subject, t: DateTime<Utc>) -> i64 {
-        let reset = self
-            .resets
-            .get(&(policy.data.policy_id.clone(), pool.clone()));
+        let raw = self.raw_used(policy, pool, t);
+        let Some(r) = self.reset_of(policy, pool) else {
+            return raw;
+        };
         let bounds = policy.spec.bounds(t);
-        match (reset, policy.spec.kind()) {
-            (Some(r), "rolling") => {
-                let b = bounds.expect("rolling windows have bounds");
-                let from = epoch_minute(b.start).max(r.minute + 1);
-                self.sum_slices(policy, pool, from, epoch_minute(b.end))
+        let dropped = match policy.spec {
+            WindowSpec::Rolling { .. } => bounds.map_or(0, |b| {
+                r.captured_in(epoch_minute(b.start), epoch_minute(b.end))
+            }),
+            _ if r.window_start == bounds.filter(|_| policy.windowed()).map(|b| b.start) => {
+                r.offset
             }
-            (Some(r), _) if r.window_start == bounds.map(|b| b.start) => {
-                (self.raw_used(policy, pool, t) - r.offset).max(0)
-            }
-            _ => self.raw_used(policy, pool, t),
-        }
+            _ => 0,
+        };
+        raw.saturating_sub(dropped).max(0)
+    }
+
+    fn reset_of(&self, policy: &PolicyConf, pool: &Subject) -> Option<&Reset> {
+        self.resets
+            .get(&(policy.data.policy_id.clone(), pool.clone()))
     }
 
     /// Outstanding reservations of the pool in the window containing `t`.
     pub fn reserved(&self, policy: &PolicyConf, pool: &Subject, t: DateTime<Utc>) -> i64 {
-        let windowed = matches!(policy.spec.kind(), "calendar" | "periodic");
         let key = PoolKey {
             policy_id: policy.data.policy_id.clone(),
             subject: pool.clone(),
-            window_start: if windowed {
+            window_start: if policy.windowed() {
                 policy.spec.bounds(t).map(|b| b.start)
             } else {
                 None
@@ -354,7 +645,30 @@ impl QuotaState {
         self.reserved.get(&key).copied().unwrap_or(0)
     }
 
-    /// Minute buckets of the pool in `[from, to)` with this policy's metric, oldest first.
+    fn minute_amounts_raw(
+        &self,
+        policy: &PolicyConf,
+        pool: &Subject,
+        from: i64,
+        to: i64,
+    ) -> Vec<(i64, i64)> {
+        let mut by_minute: std::collections::BTreeMap<i64, i64> = Default::default();
+        let p = &policy.data;
+        if let Some(slices) = self.usage.get(pool) {
+            for (k, b) in slices {
+                if slice_counts(k, p.model_group.as_deref(), p.metric, pool) {
+                    for (m, u) in b.minutes_in(from, to) {
+                        let slot = by_minute.entry(m).or_insert(0);
+                        *slot = slot.saturating_add(p.metric.of(&u));
+                    }
+                }
+            }
+        }
+        by_minute.into_iter().collect()
+    }
+
+    /// Minute buckets of the pool in `[from, to)` with this policy's metric, oldest first, less
+    /// what a reset dropped (for "when does enough usage age out").
     pub fn minute_amounts(
         &self,
         policy: &PolicyConf,
@@ -362,20 +676,14 @@ impl QuotaState {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Vec<(DateTime<Utc>, i64)> {
-        let mut by_minute: std::collections::BTreeMap<i64, i64> = Default::default();
-        let p = &policy.data;
-        if let Some(slices) = self.usage.get(pool) {
-            for (k, b) in slices {
-                if slice_counts(k, p.model_group.as_deref(), p.metric, pool) {
-                    for (m, u) in b.minutes_in(epoch_minute(from), epoch_minute(to)) {
-                        *by_minute.entry(m).or_insert(0) += p.metric.of(u);
-                    }
-                }
-            }
-        }
-        by_minute
+        let reset = self.reset_of(policy, pool);
+        self.minute_amounts_raw(policy, pool, epoch_minute(from), epoch_minute(to))
             .into_iter()
-            .map(|(m, v)| (minute_instant(m), v))
+            .map(|(m, v)| {
+                let dropped = reset.map_or(0, |r| r.captured_at(m));
+                (minute_instant(m), v.saturating_sub(dropped).max(0))
+            })
+            .filter(|(_, v)| *v > 0)
             .collect()
     }
 
@@ -399,11 +707,22 @@ impl QuotaState {
         self.credits.get(s)
     }
 
-    /// Whether the request was admitted already (idempotency).
-    pub fn is_admitted(&self, request_id: &str) -> bool {
+    /// Whether the request id was decided less than the idempotency window before `now`: a
+    /// new admission for it is then a retry of that decision.
+    pub fn is_admitted(&self, request_id: &str, now: DateTime<Utc>) -> bool {
+        self.open.get(request_id).is_some_and(|o| {
+            o.admission_id.is_some()
+                && o.received_at
+                    .and_then(|r| r.checked_add_signed(self.idempotency))
+                    .is_some_and(|end| now < end)
+        })
+    }
+
+    /// How many settlement ids of the request are remembered.
+    pub fn settlements_of(&self, request_id: &str) -> usize {
         self.open
             .get(request_id)
-            .is_some_and(|o| o.admission_id.is_some())
+            .map_or(0, |o| o.settlement_ids.len())
     }
 
     /// Undo this instance's own admission whose event could not be published.
@@ -412,24 +731,41 @@ impl QuotaState {
         self.open.remove(request_id);
     }
 
-    /// Forget closed requests last seen before `horizon` and
-    /// configuration event ids (kept only to drop the echo of our own writes).
-    pub fn prune(&mut self, horizon: DateTime<Utc>) {
-        let stale: Vec<String> = self
-            .open
-            .iter()
-            // An admitted, open request is only ever closed by an event (expiry, release,
-            // settlement), so every instance agrees on when its reservation ended.
-            .filter(|(_, o)| o.seen_at < horizon && (o.closed || o.admission_id.is_none()))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for rid in stale {
-            self.close(&rid);
-            self.open.remove(&rid);
+    /// Forget closed requests last seen more than the idempotency window before the stream
+    /// clock, and past [`MAX_OPEN_REQUESTS`] the closed ones seen longest ago. Returns how many
+    /// were forgotten.
+    pub fn prune(&mut self) -> usize {
+        self.prune_to(MAX_OPEN_REQUESTS)
+    }
+
+    /// [`Self::prune`] with a bound of `cap` requests (tests use a small one).
+    pub fn prune_to(&mut self, cap: usize) -> usize {
+        let Some(horizon) = self
+            .clock
+            .and_then(|c| c.checked_sub_signed(self.idempotency))
+        else {
+            return 0;
+        };
+        let before = self.open.len();
+        // An admitted, open request is only ever closed by an event (expiry, release,
+        // settlement), so every instance agrees on when its reservation ended.
+        let forgettable = |o: &Open| o.closed || o.admission_id.is_none();
+        self.open
+            .retain(|_, o| !(o.seen_at < horizon && forgettable(o)));
+        if self.open.len() > cap {
+            let mut closed: Vec<(DateTime<Utc>, String)> = self
+                .open
+                .iter()
+                .filter(|(_, o)| forgettable(o))
+                .map(|(k, o)| (o.seen_at, k.clone()))
+                .collect();
+            closed.sort_unstable();
+            let excess = self.open.len() - cap;
+            for (_, rid) in closed.into_iter().take(excess) {
+                self.open.remove(&rid);
+            }
         }
-        if self.applied.len() > 100_000 {
-            self.applied.clear();
-        }
+        before - self.open.len()
     }
 
     /// Admitted requests still holding a reservation whose TTL, counted on the server's clock
@@ -442,19 +778,76 @@ impl QuotaState {
     ) -> Vec<(String, Uuid, Option<Subject>)> {
         self.open
             .iter()
-            .filter(|(_, o)| !o.closed && o.received_at.is_some_and(|r| r + ttl <= now))
+            .filter(|(_, o)| {
+                !o.closed
+                    && o.received_at
+                        .is_some_and(|r| r.checked_add_signed(ttl).is_none_or(|e| e <= now))
+            })
             .filter_map(|(rid, o)| o.admission_id.map(|a| (rid.clone(), a, o.leaf.clone())))
             .collect()
     }
 
     /// Outstanding reservations in every pool (for tests and metrics): sum over pools.
     pub fn reserved_total(&self) -> i64 {
-        self.reserved.values().sum()
+        self.reserved
+            .values()
+            .fold(0i64, |a, v| a.saturating_add(*v))
     }
 
     /// Requests with open state.
     pub fn open_requests(&self) -> usize {
         self.open.len()
+    }
+
+    /// Usage entries held over all subjects and slices (for memory accounting).
+    pub fn usage_entries(&self) -> usize {
+        self.usage
+            .values()
+            .flat_map(HashMap::values)
+            .map(Buckets::len)
+            .sum()
+    }
+
+    /// Compact the usage of up to `max_subjects` subjects to `h` (round-robin over calls, so the
+    /// state lock is held briefly however many subjects there are), and forget resets that can no
+    /// longer apply to any window from `min_time` on. Returns how many subjects were compacted.
+    pub fn compact(&mut self, h: &Horizons, min_time: DateTime<Utc>, max_subjects: usize) -> usize {
+        if self.compact_queue.is_empty() {
+            self.compact_queue = self.usage.keys().cloned().collect();
+            self.prune_resets(min_time);
+        }
+        let take = self.compact_queue.len().min(max_subjects);
+        let batch: Vec<Subject> = self
+            .compact_queue
+            .split_off(self.compact_queue.len() - take);
+        for s in &batch {
+            if let Some(slices) = self.usage.get_mut(s) {
+                slices.values_mut().for_each(|b| b.compact(h));
+            }
+        }
+        batch.len()
+    }
+
+    /// Drop resets whose window ended before `min_time` (calendar, periodic) or whose captured
+    /// minutes all left every rolling window evaluated from `min_time` on.
+    fn prune_resets(&mut self, min_time: DateTime<Utc>) {
+        let min = epoch_minute(min_time);
+        let config = &self.config;
+        self.resets.retain(|(id, _), r| {
+            let Some(p) = config.policy(id) else {
+                return false;
+            };
+            match &p.spec {
+                WindowSpec::Rolling { minutes } => r
+                    .captured
+                    .last()
+                    .is_some_and(|(m, _)| m.saturating_add(*minutes) > min),
+                WindowSpec::Lifetime => true,
+                spec => r
+                    .window_start
+                    .is_none_or(|s| spec.bounds(s).is_some_and(|b| epoch_minute(b.end) > min)),
+            }
+        });
     }
 }
 
@@ -473,5 +866,73 @@ fn slice_counts(k: &SliceKey, model_group: Option<&str>, metric: Metric, pool: &
         "key" => k.key_global,
         "user" => k.user_global,
         _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::ReservationEnded;
+    use crate::model::Check;
+
+    fn admission(rid: &str, at: DateTime<Utc>) -> Envelope {
+        let leaf = Subject::parse("key:k").unwrap();
+        Envelope::with_id(at, Some(rid.into()), Some(leaf.clone()), |id| {
+            EventData::AdmissionDecided(AdmissionDecided {
+                admission_id: id,
+                admitted: true,
+                reason: None,
+                retry_after_seconds: None,
+                model: None,
+                model_group: None,
+                chain: vec![leaf],
+                estimate: Usage::default(),
+                counted_in_key_global: true,
+                counted_in_user_global: true,
+                checks: Vec::<Check>::new(),
+                received_at: at,
+            })
+        })
+    }
+
+    fn release(rid: &str, a: &Envelope) -> Envelope {
+        Envelope::new(
+            EventData::ReservationReleased(ReservationEnded { admission_id: a.id }),
+            a.occurred_at,
+            Some(rid.into()),
+            None,
+        )
+    }
+
+    #[test]
+    fn forgetting_keeps_open_reservations_and_respects_the_cap() {
+        // Event ids are UUID v7 stamped now, like real events: the stream clock is near now.
+        let t0 = Utc::now() - chrono::Duration::minutes(10);
+        let mut q = QuotaState::default();
+        for i in 0..10 {
+            let a = admission(&format!("closed{i}"), t0 + chrono::Duration::seconds(i));
+            q.apply(&a);
+            q.apply(&release(&format!("closed{i}"), &a));
+        }
+        q.apply(&admission("open", t0));
+        assert_eq!(
+            q.prune_to(6),
+            5,
+            "past the cap the oldest closed requests go first"
+        );
+        assert!(
+            q.is_admitted("open", t0),
+            "an open reservation is never forgotten"
+        );
+        assert!(!q.is_admitted("closed0", t0) && q.is_admitted("closed9", t0));
+        assert_eq!(
+            q.prune(),
+            0,
+            "within the window nothing is forgotten by time"
+        );
+        // The stream clock moving past the window forgets the rest, never the open one.
+        q.apply(&admission("later", t0 + chrono::Duration::hours(2)));
+        assert_eq!(q.prune(), 5);
+        assert_eq!(q.open_requests(), 2);
     }
 }

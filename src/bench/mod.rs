@@ -16,6 +16,10 @@ use serde_json::json;
 use sqlx::{Connection as _, PgPool};
 use tally_api::Tokens;
 
+mod restart;
+
+pub use restart::{RestartResult, Start};
+
 use crate::cli::{CommonArgs, parse_duration};
 use crate::services::{Services, ServicesMode, ServicesOptions};
 use crate::stack::{self, Connections, Shutdown};
@@ -68,6 +72,17 @@ pub struct BenchArgs {
     /// Where private NATS/Postgres live if none answer (as for `tally up`).
     #[arg(long, default_value = "./.tally")]
     pub data_dir: std::path::PathBuf,
+    /// Also measure a restart over a realistic history of this many events (0: skip): write it
+    /// at full speed, start a fresh `tally api` process, and report time to its first decided
+    /// admission, its rebuild rate, its peak RSS, and whether its quotas equal the live ones.
+    #[arg(long, default_value_t = 0)]
+    pub restart_events: u64,
+    /// With `--restart-events`: also start once with every snapshot deleted (a full rebuild).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub restart_full_rebuild: bool,
+    /// Skip the load measurement (baselines and, with `--restart-events`, the restart only).
+    #[arg(long)]
+    pub skip_load: bool,
 }
 
 /// Latency percentiles in microseconds.
@@ -173,14 +188,16 @@ pub struct Report {
     pub duration_s: f64,
     /// Raw limits.
     pub baselines: Baselines,
-    /// The stack under load.
-    pub load: LoadResult,
+    /// The stack under load (absent with `--skip-load`).
+    pub load: Option<LoadResult>,
     /// HTTP requests/s as a fraction of the trivial HTTP round trip.
-    pub ratio_http: f64,
+    pub ratio_http: Option<f64>,
     /// Events/s as a fraction of raw JetStream publish + ack.
-    pub ratio_jetstream: f64,
+    pub ratio_jetstream: Option<f64>,
     /// Ledger rows/s (two per pair) as a fraction of the raw batched insert.
-    pub ratio_postgres: f64,
+    pub ratio_postgres: Option<f64>,
+    /// The restart measurement (with `--restart-events`).
+    pub restart: Option<RestartResult>,
 }
 
 /// Run the benchmark and print the report.
@@ -231,20 +248,46 @@ async fn bench_on(
     let conns = stack::connect(common, nats_url, db_url).await?;
     eprintln!("bench: raw baselines, {:?} each", args.baseline_duration);
     let baselines = raw_baselines(args, &conns).await?;
-    eprintln!(
-        "bench: {} clients, {:?} warm-up, {:?} measured",
-        args.clients, args.warmup, args.duration
-    );
-    let load = run_load(args, common, &conns).await?;
-    let pair_rows_per_s = load.events_per_s;
+    let load = if args.skip_load {
+        None
+    } else {
+        eprintln!(
+            "bench: {} clients, {:?} warm-up, {:?} measured",
+            args.clients, args.warmup, args.duration
+        );
+        Some(run_load(args, common, &conns).await?)
+    };
+    let restart = if args.restart_events > 0 {
+        // Its own stream and database, so the load's rows are not part of the history.
+        let mut c = common.clone();
+        c.stream = format!("{}_R", common.stream);
+        let db = format!("{}_r", db_name_of(db_url)?);
+        create_database(db_url, &db).await?;
+        let url = with_database(db_url, &db)?;
+        let rconns = stack::connect(&c, nats_url, &url).await?;
+        let r = restart::measure(args, &c, &rconns, (nats_url, &url)).await;
+        rconns.pool.close().await;
+        if args.keep {
+            eprintln!("kept stream {} and database {db}", c.stream);
+        } else {
+            let _ = rconns.js.delete_stream(&c.stream).await;
+            let _ = rconns.js.delete_stream(rconns.stream.dead_letter().0).await;
+            drop_database(db_url, &db).await;
+        }
+        Some(r?)
+    } else {
+        None
+    };
+    let ratio = |f: fn(&LoadResult, &Baselines) -> f64| load.as_ref().map(|l| f(l, &baselines));
     Ok(Report {
         clients: args.clients,
         duration_s: args.duration.as_secs_f64(),
-        ratio_http: load.http_requests_per_s / baselines.http_requests_per_s,
-        ratio_jetstream: load.events_per_s / baselines.jetstream_publishes_per_s,
-        ratio_postgres: pair_rows_per_s / baselines.postgres_rows_per_s,
+        ratio_http: ratio(|l, b| l.http_requests_per_s / b.http_requests_per_s),
+        ratio_jetstream: ratio(|l, b| l.events_per_s / b.jetstream_publishes_per_s),
+        ratio_postgres: ratio(|l, b| l.events_per_s / b.postgres_rows_per_s),
         baselines,
         load,
+        restart,
     })
 }
 
@@ -423,15 +466,22 @@ async fn run_load(
     let tokens = Tokens::from_lists(&admin_token, &token);
     let shutdown = Shutdown::default();
     let (ledger_stats, ledger) = stack::spawn_ledger(conns, &shutdown);
-    let (mut workers, mut handles) = stack::spawn_projectors(conns, &shutdown);
+    let (mut workers, mut handles) = stack::spawn_projectors(conns, common, &shutdown);
     workers.ledger = Some(ledger_stats);
     handles.push(ledger);
-    let (state, tail) = stack::api_state(conns, common, tokens.clone(), workers)?;
+    let (state, tasks) = stack::api_state(conns, common, tokens.clone(), workers, &shutdown)?;
+    handles.push(tasks);
     let (addr, api) = stack::spawn_api("127.0.0.1:0".parse()?, state, &shutdown).await?;
     handles.push(api);
     // A second instance on the same stream, only read by the freshness probe.
-    let (observer, observer_tail) =
-        stack::api_state(conns, common, tokens, tally_api::WorkerStats::default())?;
+    let (observer, observer_tasks) = stack::api_state(
+        conns,
+        common,
+        tokens,
+        tally_api::WorkerStats::default(),
+        &shutdown,
+    )?;
+    handles.push(observer_tasks);
     let (observer_addr, observer_api) =
         stack::spawn_api("127.0.0.1:0".parse()?, observer, &shutdown).await?;
     handles.push(observer_api);
@@ -451,8 +501,6 @@ async fn run_load(
     for h in handles {
         let _ = h.await;
     }
-    tail.abort();
-    observer_tail.abort();
     result
 }
 
@@ -625,7 +673,7 @@ async fn drive(
         freshness_missed,
         drain_ms,
         ledger_rows,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: own_peak_rss_mib(),
     })
 }
 
@@ -708,17 +756,8 @@ async fn wait_drained(conns: &Connections) -> anyhow::Result<i64> {
 }
 
 /// VmHWM of this process.
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+fn own_peak_rss_mib() -> f64 {
+    restart::peak_rss_mib(std::process::id())
 }
 
 /// `url` with its database replaced by `db` (query string kept).
@@ -745,6 +784,23 @@ async fn create_database(server_url: &str, db: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The database name of a Postgres URL.
+fn db_name_of(url: &str) -> anyhow::Result<String> {
+    let tail = url
+        .rsplit_once('/')
+        .context("a database URL names a database")?
+        .1;
+    Ok(tail.split('?').next().unwrap_or(tail).to_owned())
+}
+
+async fn drop_database(server_url: &str, db: &str) {
+    if let Ok(mut admin) = sqlx::PgConnection::connect(server_url).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await;
+    }
+}
+
 async fn cleanup(services: &Services, common: &CommonArgs, db: &str) {
     if let Ok(nats) = async_nats::connect(&services.nats_url).await {
         let js = jetstream::new(nats);
@@ -767,16 +823,6 @@ async fn cleanup(services: &Services, common: &CommonArgs, db: &str) {
 
 fn print_report(r: &Report) {
     let b = &r.baselines;
-    let l = &r.load;
-    let pct = |p: &Percentiles| {
-        format!(
-            "p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
-            p.p50_us as f64 / 1e3,
-            p.p99_us as f64 / 1e3,
-            p.p999_us as f64 / 1e3,
-            p.max_us as f64 / 1e3
-        )
-    };
     println!("raw baselines");
     println!(
         "  trivial HTTP round trip   {:>10.0} req/s   {}",
@@ -792,6 +838,53 @@ fn print_report(r: &Report) {
         "  Postgres batched insert   {:>10.0} rows/s  (batches of {RAW_PG_BATCH_ROWS}, one connection)",
         b.postgres_rows_per_s
     );
+    if let Some(l) = &r.load {
+        print_load(r, l);
+    }
+    if let Some(x) = &r.restart {
+        print_restart(x);
+    }
+}
+
+fn pct(p: &Percentiles) -> String {
+    format!(
+        "p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+        p.p50_us as f64 / 1e3,
+        p.p99_us as f64 / 1e3,
+        p.p999_us as f64 / 1e3,
+        p.max_us as f64 / 1e3
+    )
+}
+
+fn print_restart(x: &RestartResult) {
+    println!(
+        "restart over {} events ({} keys): written in {:.1} s, absorbed {:.1} s later",
+        x.events, x.keys, x.write_s, x.absorb_s
+    );
+    let line = |what: &str, s: &Start| {
+        println!(
+            "  {what:<26}first admission after {} ms; {} rows folded at {:.0} rows/s after snapshot {:?}; peak RSS {:.0} MiB; quotas of {} subjects equal: {}{}",
+            s.ready_ms,
+            s.rows_folded,
+            s.rows_per_s,
+            s.snapshot_seq,
+            s.peak_rss_mib,
+            x.sample_subjects,
+            s.quota_equal,
+            s.first_difference
+                .as_deref()
+                .map(|d| format!(" (first difference {d})"))
+                .unwrap_or_default()
+        )
+    };
+    line("from the newest snapshot", &x.with_snapshot);
+    if let Some(f) = &x.full_rebuild {
+        line("with no snapshot", f);
+    }
+}
+
+fn print_load(r: &Report, l: &LoadResult) {
+    let ratio = |x: Option<f64>| 100.0 * x.unwrap_or(0.0);
     println!(
         "tally, {} clients, {:.0} s measured",
         r.clients, r.duration_s
@@ -803,17 +896,17 @@ fn print_report(r: &Report) {
     println!(
         "  HTTP requests             {:>10.0} req/s   = {:.1}% of trivial HTTP",
         l.http_requests_per_s,
-        100.0 * r.ratio_http
+        ratio(r.ratio_http)
     );
     println!(
         "  events published          {:>10.0} ev/s    = {:.1}% of raw JetStream",
         l.events_per_s,
-        100.0 * r.ratio_jetstream
+        ratio(r.ratio_jetstream)
     );
     println!(
         "  ledger rows               {:>10.0} rows/s  = {:.1}% of raw Postgres",
         l.events_per_s,
-        100.0 * r.ratio_postgres
+        ratio(r.ratio_postgres)
     );
     println!("  admission latency         {}", pct(&l.admission_latency));
     println!("  settle latency            {}", pct(&l.settle_latency));

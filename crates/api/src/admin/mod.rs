@@ -1,0 +1,77 @@
+//! Admin handlers (SPEC §6): subjects, model groups, policies, resets, grants and credits, one
+//! file per resource. Every write is validated by the shared rules (`tally_events::rules`, so the
+//! client hears the field name it sent) and against the live configuration, published as an event
+//! (awaiting the ack) and applied to this instance's quota state before the answer, so the next
+//! admission here sees it at once and other instances within their tail lag.
+
+mod credits;
+mod grants;
+mod model_groups;
+mod policies;
+mod subjects;
+
+use std::sync::atomic::Ordering;
+
+use serde::{Deserialize, Deserializer};
+use tally_events::{Envelope, Subject};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+pub use credits::{CreditsIn, post_credits};
+pub use grants::{GrantIn, delete_grant, post_grant};
+pub use model_groups::{ModelGroupIn, delete_model_group, put_model_group};
+pub use policies::{PolicyIn, ResetIn, delete_policy, list_policies, put_policy, reset_policy};
+pub use subjects::{SubjectIn, delete_subject, get_subject, put_subject};
+
+/// Distinguish an absent field (keep) from an explicit `null` (clear): the trap Bifrost's
+/// reviewers found in "clear" semantics (SPEC v2 §6 "Absent vs null").
+fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+fn subject_param(field: &str, text: &str) -> Result<Subject, ApiError> {
+    Subject::parse(text).map_err(|m| ApiError::invalid(field, m))
+}
+
+impl AppState {
+    /// Publish a configuration event and apply it here. Serialized by the admin lock so the
+    /// validation a handler did still holds when the event is applied. Never spooled, even with
+    /// `--fail-open`: every instance must see a configuration change.
+    ///
+    /// Instances validate against their own folded state, so two of them could each accept half
+    /// of a conflict (the same model into two groups, the two halves of a cycle). The write is
+    /// therefore conditional: it goes ahead only if this instance has folded the last event on
+    /// its config subject, and JetStream refuses it if another lands there in between
+    /// (`Nats-Expected-Last-Subject-Sequence`). Either way the loser gets a 409 and writes nothing.
+    async fn write_config(&self, env: Envelope) -> Result<(), ApiError> {
+        env.validate()?;
+        let publisher = &self.0.publisher;
+        let subject = publisher.settings().subject_for(&env);
+        if self.0.nats.connection_state() != async_nats::connection::State::Connected {
+            return Err(ApiError::Unavailable("NATS is disconnected".into()));
+        }
+        let last = publisher.last_sequence_on(&subject).await?;
+        let own = self.own_config_seq().get(&subject).copied();
+        let folded = last <= self.0.tail_seq.load(Ordering::Acquire) || own == Some(last);
+        if !folded {
+            return Err(ApiError::Conflict {
+                field: None,
+                message: crate::error::CONCURRENT_CONFIG_WRITE.into(),
+            });
+        }
+        let seq = publisher.publish_if_last(&env, last).await?;
+        self.own_config_seq().insert(subject, seq);
+        self.quota().apply(&env);
+        Ok(())
+    }
+
+    fn own_config_seq(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
+        self.0
+            .own_config_seq
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}

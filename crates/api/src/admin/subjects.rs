@@ -1,0 +1,143 @@
+//! `PUT`, `GET` and `DELETE /v1/subjects/{subject}`.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::json;
+use tally_events::rules::{validate_chain_subject, validate_subject_upsert};
+use tally_events::*;
+
+use super::{double_option, subject_param};
+use crate::AppState;
+use crate::body::{JsonBody, PathParam};
+use crate::error::ApiError;
+
+/// `PUT /v1/subjects/{subject}` body: absent keeps the stored value, `null` clears it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectIn {
+    #[serde(default, deserialize_with = "double_option")]
+    parent: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    groups: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "double_option")]
+    disabled: Option<Option<bool>>,
+}
+
+fn chain_subject(text: &str) -> Result<Subject, ApiError> {
+    let s = subject_param("subject", text)?;
+    validate_chain_subject("subject", &s)?;
+    Ok(s)
+}
+
+/// `PUT /v1/subjects/{subject}`: upsert. A parent that would make a cycle or a chain deeper than
+/// 16 is a 409 naming `parent` (SPEC v2 §4); a `group:` parent is a 400.
+pub async fn put_subject(
+    State(state): State<AppState>,
+    PathParam(subject): PathParam,
+    JsonBody(body): JsonBody<SubjectIn>,
+) -> Result<Response, ApiError> {
+    let subject = chain_subject(&subject)?;
+    let _admin = state.0.admin_lock.lock().await;
+    let current = state
+        .quota()
+        .config
+        .subject(&subject)
+        .cloned()
+        .unwrap_or_default();
+    let parent = match body.parent {
+        None => current.parent,
+        Some(None) => None,
+        Some(Some(p)) => Some(subject_param("parent", &p)?),
+    };
+    let data = SubjectUpserted {
+        parent,
+        groups: body
+            .groups
+            .map_or(current.groups, Option::unwrap_or_default),
+        disabled: body
+            .disabled
+            .map_or(current.disabled, |d| d.unwrap_or(false)),
+    };
+    validate_subject_upsert("", &subject, &data)?;
+    if let Some(p) = &data.parent
+        && let Some(conflict) = state.quota().config.parent_conflict(&subject, p)
+    {
+        return Err(ApiError::Conflict {
+            field: Some("parent".into()),
+            message: format!("`{p}` as parent of `{subject}` {conflict}"),
+        });
+    }
+    let env = Envelope::new(
+        EventData::SubjectUpserted(data),
+        Utc::now(),
+        None,
+        Some(subject.clone()),
+    );
+    state.write_config(env).await?;
+    Ok(Json(subject_body(&state, &subject)).into_response())
+}
+
+fn subject_body(state: &AppState, subject: &Subject) -> serde_json::Value {
+    let q = state.quota();
+    let conf = q.config.subject(subject).cloned().unwrap_or_default();
+    let chain = q.config.chain(subject);
+    let credits = q
+        .account(subject)
+        .map(|a| json!({"remaining": a.remaining_at(Utc::now()), "refill": a.refill}));
+    json!({"subject": subject, "parent": conf.parent, "groups": conf.groups,
+        "disabled": conf.disabled, "chain": chain, "credits": credits})
+}
+
+/// `GET /v1/subjects/{subject}`.
+pub async fn get_subject(
+    State(state): State<AppState>,
+    PathParam(subject): PathParam,
+) -> Result<Response, ApiError> {
+    let subject = subject_param("subject", &subject)?;
+    if state.quota().config.subject(&subject).is_none() {
+        return Err(ApiError::NotFound {
+            what: format!("subject `{subject}`"),
+            field: Some("subject".into()),
+        });
+    }
+    Ok(Json(subject_body(&state, &subject)).into_response())
+}
+
+/// `DELETE /v1/subjects/{subject}`: retire a subject with its policies, grants and credit
+/// balance (one event; its usage stays in the ledger). Refused with 409 while another subject
+/// names it as parent.
+pub async fn delete_subject(
+    State(state): State<AppState>,
+    PathParam(subject): PathParam,
+) -> Result<Response, ApiError> {
+    let subject = chain_subject(&subject)?;
+    let _admin = state.0.admin_lock.lock().await;
+    let child = {
+        let q = state.quota();
+        if !q.is_known(&subject) {
+            return Err(ApiError::NotFound {
+                what: format!("subject `{subject}`"),
+                field: Some("subject".into()),
+            });
+        }
+        q.config.children(&subject).next().cloned()
+    };
+    if let Some(child) = child {
+        return Err(ApiError::Conflict {
+            field: Some("subject".into()),
+            message: format!("`{child}` names `{subject}` as its parent; move or delete it first"),
+        });
+    }
+    let env = Envelope::new(
+        EventData::SubjectDeleted(SubjectDeleted {}),
+        Utc::now(),
+        None,
+        Some(subject),
+    );
+    state.write_config(env).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
