@@ -33,6 +33,15 @@ pub enum Command {
     Migrate(CommonArgs),
     /// Load generator: admit + settle through the real stack, with raw baselines (SPEC §11).
     Bench(crate::bench::BenchArgs),
+    /// Rebuild one projection from the first ledger row and swap it in (or, with --verify,
+    /// compare it with the live tables and change nothing).
+    Replay(crate::audit::ReplayArgs),
+    /// Recompute every projection's totals from the ledger and report each difference; exit 0
+    /// only when everything matches.
+    Audit(crate::audit::AuditArgs),
+    /// What candidate policies would have refused and blocked over the recorded history
+    /// (writes nothing).
+    Whatif(crate::whatif::WhatifArgs),
 }
 
 /// Settings shared by every subcommand.

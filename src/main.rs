@@ -9,7 +9,18 @@ use tally::cli::{Cli, Command, CommonArgs, UpArgs};
 use tally::stack::{self, Shutdown};
 use tally::{bench, services};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => {
+            // One line with its causes, not a debug dump.
+            eprintln!("tally: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<u8> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
@@ -32,8 +43,16 @@ fn main() -> anyhow::Result<()> {
             Command::Project(c) => project(c).await,
             Command::Migrate(c) => migrate(c).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Replay(args) => return tally::audit::replay(args).await.map(exit_code),
+            Command::Audit(args) => return tally::audit::audit(args).await.map(exit_code),
+            Command::Whatif(args) => return tally::whatif::run(args).await.map(exit_code),
         }
+        .map(|()| 0)
     })
+}
+
+fn exit_code(code: i32) -> u8 {
+    u8::try_from(code).unwrap_or(1)
 }
 
 fn urls(c: &CommonArgs) -> anyhow::Result<(String, String)> {

@@ -1,0 +1,517 @@
+//! `tally replay` and `tally audit` (SPEC v2 §8): the ledger is the asset, projections are
+//! derived from it. `replay` rebuilds one projection from the first ledger row beside the live
+//! one and swaps it in (or, with `--verify`, compares and changes nothing); `audit` recomputes
+//! every projection's claimed totals from the ledger alone, in one REPEATABLE READ transaction,
+//! and names every difference.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::NaiveDate;
+use chrono_tz::Tz;
+use clap::Args;
+use serde_json::json;
+use sqlx::{PgConnection, PgPool};
+use tally_events::quota::QuotaState;
+use tally_events::{DailyTotals, Envelope, Subject, Usage, day_of, fold_daily};
+use tally_projector::claims::{Claim, DayRange, PoolKey};
+use tally_projector::rebuild::{Goal, Outcome, Progress, rebuild};
+use tally_projector::registry::{self, Context};
+use tally_projector::{Order, Tables};
+
+use crate::cli::CommonArgs;
+
+/// Ledger rows read per page by the audit's recomputation.
+pub const AUDIT_PAGE_ROWS: i64 = 10_000;
+/// Differences printed per projection (all are counted; `--json` carries the same bound).
+pub const MAX_PRINTED_DIFFERENCES: usize = 50;
+/// Plain progress lines (no terminal) at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// `tally replay` settings.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// Shared settings (only the database, stream and report zone are used).
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The projection to rebuild (a registry name).
+    #[arg(long, value_parser = parse_projection)]
+    pub projection: &'static str,
+    /// Rebuild beside the live tables and compare, changing nothing; exit 1 on any difference.
+    #[arg(long)]
+    pub verify: bool,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tally audit` settings.
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    /// Shared settings (only the database, stream and report zone are used).
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// First day audited (UTC for the usage tables, the report's zone for daily_usage).
+    #[arg(long)]
+    pub from: Option<NaiveDate>,
+    /// Last day audited.
+    #[arg(long)]
+    pub to: Option<NaiveDate>,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_projection(text: &str) -> Result<&'static str, String> {
+    registry::find(text).map(|e| e.name).ok_or_else(|| {
+        format!(
+            "unknown projection `{text}`; registered: {}",
+            registry::names()
+        )
+    })
+}
+
+/// Connect to Postgres only (replay and audit need no NATS), failing in one line.
+pub async fn connect_db(common: &CommonArgs) -> anyhow::Result<PgPool> {
+    let url = common
+        .database_url
+        .clone()
+        .context("--database-url / DATABASE_URL is required")?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&url)
+        .await
+        .with_context(|| format!("connecting to Postgres at {}", crate::stack::redact(&url)))?;
+    let ledger: Option<String> = sqlx::query_scalar("SELECT to_regclass('ledger')::text")
+        .fetch_one(&pool)
+        .await?;
+    anyhow::ensure!(
+        ledger.is_some(),
+        "database {} has no ledger: run `tally migrate` (or `tally up`) first",
+        crate::stack::redact(&url)
+    );
+    Ok(pool)
+}
+
+fn context(pool: &PgPool, common: &CommonArgs, rebuilding: bool) -> Context {
+    Context {
+        pool: pool.clone(),
+        quota: tally_projector::QuotaSettings {
+            stream: common.stream.clone(),
+            snapshot_every_events: common.snapshot_every,
+            snapshot_interval: common.snapshot_interval,
+            max_backfill: common.max_backfill,
+            reservation_ttl: common.reservation_ttl,
+        },
+        report_tz: common.report_timezone,
+        rebuilding,
+    }
+}
+
+/// Run `tally replay`. Returns the exit code (1: `--verify` found differences).
+pub async fn replay(args: ReplayArgs) -> anyhow::Result<i32> {
+    let pool = connect_db(&args.common).await?;
+    let entry = registry::find(args.projection).context("unknown projection")?;
+    let projection = (entry.make)(&context(&pool, &args.common, true));
+    let goal = if args.verify {
+        Goal::Verify
+    } else {
+        Goal::Swap
+    };
+    let bar = ProgressOut::new(args.projection);
+    let work = rebuild(&pool, projection, goal, |p: &Progress| bar.show(p));
+    // Ctrl-C drops the rebuild: only its rebuild-schema tables are left, dropped by the next.
+    let outcome = tokio::select! {
+        r = work => r?,
+        _ = tokio::signal::ctrl_c() => {
+            bar.finish();
+            anyhow::bail!("interrupted: the live tables are unchanged");
+        }
+    };
+    bar.finish();
+    print_replay(&args, &outcome)?;
+    Ok(i32::from(args.verify && outcome.difference_count > 0))
+}
+
+fn print_replay(args: &ReplayArgs, o: &Outcome) -> anyhow::Result<()> {
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(o)?);
+        return Ok(());
+    }
+    let what = if args.verify {
+        format!("{} differences from the live tables", o.difference_count)
+    } else {
+        "swapped in".to_owned()
+    };
+    println!(
+        "replay {}: {} rows in {:.1} s ({:.0} rows/s), checkpoint {}, {what}",
+        args.projection,
+        o.rows,
+        o.rows as f64 / o.rows_per_s.max(1e-9),
+        o.rows_per_s,
+        o.checkpoint
+    );
+    for d in o.differences.iter().take(MAX_PRINTED_DIFFERENCES) {
+        println!(
+            "  DIFFERENCE {} key {}: live {} rebuilt {}",
+            d.table,
+            d.key,
+            d.live.clone().unwrap_or_default(),
+            d.rebuilt.clone().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal, plain lines every few seconds otherwise.
+struct ProgressOut {
+    bar: Option<indicatif::ProgressBar>,
+    name: &'static str,
+    last_line: std::sync::Mutex<Instant>,
+}
+
+impl ProgressOut {
+    fn new(name: &'static str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {pos}/{len} rows, {per_sec}, ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b.set_message(format!("replay {name}"));
+            b
+        });
+        ProgressOut {
+            bar,
+            name,
+            last_line: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    fn show(&self, p: &Progress) {
+        if let Some(b) = &self.bar {
+            b.set_length(p.head.max(p.at).max(0) as u64);
+            b.set_position(p.at.max(0) as u64);
+            return;
+        }
+        let mut last = self.last_line.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() >= PROGRESS_EVERY {
+            *last = Instant::now();
+            eprintln!(
+                "replay {}: {} rows, at {} of {}, {:.0} rows/s",
+                self.name, p.rows, p.at, p.head, p.rows_per_s
+            );
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// One difference the audit found.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AuditDifference {
+    /// Projection.
+    pub projection: String,
+    /// Table the claim came from.
+    pub table: String,
+    /// Key (day, subject, model; or policy, subject, window start).
+    pub key: serde_json::Value,
+    /// What the projection shows (null: no row).
+    pub projection_value: serde_json::Value,
+    /// What the ledger says (null: nothing).
+    pub ledger_value: serde_json::Value,
+}
+
+/// What the audit found for one projection.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ProjectionAudit {
+    /// Projection.
+    pub projection: String,
+    /// Its checkpoint (what the recomputation went up to).
+    pub checkpoint: Option<i64>,
+    /// Keys compared.
+    pub compared: u64,
+    /// Keys not comparable (a pool whose policy changed shape since it was written).
+    pub not_comparable: u64,
+    /// Set when the projection could not be audited (not built yet, another version).
+    pub skipped: Option<String>,
+    /// All differences counted.
+    pub difference_count: u64,
+    /// The first differences.
+    pub differences: Vec<AuditDifference>,
+}
+
+/// Run `tally audit`. Returns the exit code (0: everything matches the ledger).
+pub async fn audit(args: AuditArgs) -> anyhow::Result<i32> {
+    let pool = connect_db(&args.common).await?;
+    let range = DayRange {
+        from: args.from,
+        to: args.to,
+    };
+    let reports = audit_all(&pool, &args.common, range).await?;
+    let bad = reports.iter().any(|r| r.difference_count > 0);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"ok": !bad, "projections": reports}))?
+        );
+    } else {
+        print_audit(&reports);
+    }
+    Ok(i32::from(bad))
+}
+
+fn print_audit(reports: &[ProjectionAudit]) {
+    for r in reports {
+        if let Some(why) = &r.skipped {
+            println!("audit {}: skipped ({why})", r.projection);
+            continue;
+        }
+        println!(
+            "audit {}: checkpoint {}, {} keys compared, {} not comparable, {} differences",
+            r.projection,
+            r.checkpoint.unwrap_or(0),
+            r.compared,
+            r.not_comparable,
+            r.difference_count
+        );
+        for d in r.differences.iter().take(MAX_PRINTED_DIFFERENCES) {
+            println!(
+                "  DIFFERENCE {} {} key {}: projection {} ledger {}",
+                d.projection, d.table, d.key, d.projection_value, d.ledger_value
+            );
+        }
+    }
+    let bad: u64 = reports.iter().map(|r| r.difference_count).sum();
+    if bad == 0 {
+        println!("audit: every projection matches the ledger");
+    } else {
+        println!("audit: {bad} differences");
+    }
+}
+
+/// Audit every registered projection in one REPEATABLE READ, read-only transaction.
+pub async fn audit_all(
+    pool: &PgPool,
+    common: &CommonArgs,
+    range: DayRange,
+) -> anyhow::Result<Vec<ProjectionAudit>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let ctx = context(pool, common, false);
+    let mut out = Vec::new();
+    for entry in registry::REGISTRY {
+        let p = (entry.make)(&ctx);
+        let mut report = ProjectionAudit {
+            projection: entry.name.to_owned(),
+            ..ProjectionAudit::default()
+        };
+        let live: Option<(i64, String)> = sqlx::query_as(
+            "SELECT last_pos, version FROM projection_checkpoints WHERE projection = $1",
+        )
+        .bind(entry.name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match live {
+            Some((at, version)) if version == p.version() => report.checkpoint = Some(at),
+            Some((_, version)) => {
+                report.skipped = Some(format!(
+                    "built as version {version:?}, this build makes {:?}",
+                    p.version()
+                ));
+            }
+            None => report.skipped = Some("not built".into()),
+        }
+        if let Some(at) = report.checkpoint {
+            let claims = p.claims(&mut tx, Tables::LIVE, range).await?;
+            for claim in claims {
+                check_claim(&mut tx, &mut report, entry.order, at, range, claim).await?;
+            }
+        }
+        out.push(report);
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+async fn check_claim(
+    tx: &mut PgConnection,
+    report: &mut ProjectionAudit,
+    order: Order,
+    at: i64,
+    range: DayRange,
+    claim: Claim,
+) -> anyhow::Result<()> {
+    match claim {
+        Claim::UsageByDay { table, tz, rows } => {
+            let ledger = ledger_daily(tx, order, at, tz, range).await?;
+            compare_usage(report, &table, &rows, &ledger);
+        }
+        Claim::PoolUsed { table, rows } => {
+            let state = ledger_quota(tx, order, at).await?;
+            compare_pools(report, &table, &rows, &state);
+        }
+    }
+    Ok(())
+}
+
+/// Daily totals recomputed from the ledger rows a projection at `at` has folded.
+async fn ledger_daily(
+    tx: &mut PgConnection,
+    order: Order,
+    at: i64,
+    tz: Tz,
+    range: DayRange,
+) -> anyhow::Result<DailyTotals> {
+    let mut totals = DailyTotals::new();
+    fold_ledger(tx, order, at, |env| {
+        if let tally_events::EventData::UsageSettled(d) = &env.data
+            && range.contains(day_of(d.window_at, tz))
+        {
+            fold_daily(&mut totals, env, tz);
+        }
+    })
+    .await?;
+    Ok(totals)
+}
+
+/// The quota state recomputed from the ledger rows a projection at `at` has folded.
+async fn ledger_quota(tx: &mut PgConnection, order: Order, at: i64) -> anyhow::Result<QuotaState> {
+    let mut q = QuotaState::default();
+    fold_ledger(tx, order, at, |env| q.apply(env)).await?;
+    Ok(q)
+}
+
+/// Fold every ledger row up to `at` (by pos or stream sequence, as the projection counts) in
+/// that order, a page at a time, inside the audit's transaction.
+pub async fn fold_ledger(
+    tx: &mut PgConnection,
+    order: Order,
+    at: i64,
+    mut f: impl FnMut(&Envelope),
+) -> anyhow::Result<u64> {
+    let column = match order {
+        Order::Pos => "pos",
+        Order::StreamSeq => "stream_seq",
+    };
+    let sql = format!(
+        "SELECT {column}, payload::text FROM ledger WHERE {column} > $1 AND {column} <= $2 \
+         ORDER BY {column} LIMIT $3"
+    );
+    let (mut after, mut rows) = (0i64, 0u64);
+    loop {
+        let page: Vec<(i64, String)> = sqlx::query_as(&sql)
+            .bind(after)
+            .bind(at)
+            .bind(AUDIT_PAGE_ROWS)
+            .fetch_all(&mut *tx)
+            .await?;
+        let Some((last, _)) = page.last() else {
+            return Ok(rows);
+        };
+        after = *last;
+        for (_, text) in &page {
+            rows += 1;
+            // A row this build cannot decode is left out, as the projections leave it out.
+            if let Ok(env) = Envelope::decode(text.as_bytes()) {
+                f(&env);
+            }
+        }
+    }
+}
+
+fn record(report: &mut ProjectionAudit, d: AuditDifference) {
+    report.difference_count += 1;
+    if report.differences.len() < MAX_PRINTED_DIFFERENCES {
+        report.differences.push(d);
+    }
+}
+
+fn compare_usage(
+    report: &mut ProjectionAudit,
+    table: &str,
+    claimed: &BTreeMap<tally_events::DayKey, Usage>,
+    ledger: &DailyTotals,
+) {
+    let keys: BTreeSet<_> = claimed.keys().chain(ledger.keys()).collect();
+    for key in keys {
+        report.compared += 1;
+        let (c, l) = (claimed.get(key), ledger.get(key));
+        let zero = Usage::default();
+        if c.unwrap_or(&zero) != l.unwrap_or(&zero) {
+            record(
+                report,
+                AuditDifference {
+                    projection: report.projection.clone(),
+                    table: table.to_owned(),
+                    key: json!([key.2, key.0, key.1]),
+                    projection_value: json!(c),
+                    ledger_value: json!(l),
+                },
+            );
+        }
+    }
+}
+
+fn compare_pools(
+    report: &mut ProjectionAudit,
+    table: &str,
+    claimed: &BTreeMap<PoolKey, i64>,
+    state: &QuotaState,
+) {
+    for ((policy_id, subject, start), used) in claimed {
+        let Some(expected) = pool_used(state, policy_id, subject, *start) else {
+            report.not_comparable += 1;
+            continue;
+        };
+        report.compared += 1;
+        if expected != *used {
+            record(
+                report,
+                AuditDifference {
+                    projection: report.projection.clone(),
+                    table: table.to_owned(),
+                    key: json!([policy_id, subject, start]),
+                    projection_value: json!(used),
+                    ledger_value: json!(expected),
+                },
+            );
+        }
+    }
+}
+
+/// `used` of a pool in the window starting at `start` (None: a lifetime window), as the
+/// ledger's fold has it; None when the policy is gone or its window no longer starts there.
+fn pool_used(
+    state: &QuotaState,
+    policy_id: &str,
+    subject: &str,
+    start: Option<chrono::DateTime<chrono::Utc>>,
+) -> Option<i64> {
+    let policy = state.config.policy(policy_id)?;
+    let pool = Subject::parse(subject).ok()?;
+    let t = match start {
+        Some(s) => {
+            let bounds = policy.spec.bounds(s)?;
+            (policy.windowed() && bounds.start == s).then_some(s)?
+        }
+        None => {
+            if policy.windowed() {
+                return None;
+            }
+            state.clock()?
+        }
+    };
+    Some(state.used(policy, &pool, t))
+}
