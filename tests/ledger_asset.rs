@@ -92,6 +92,46 @@ async fn history(stack: &Stack, tag: &str, n: usize) {
     }
 }
 
+/// Every other kind of request: streamed in chunks, released, left to expire, direct usage.
+async fn other_kinds(stack: &Stack, n: usize) {
+    let now = Utc::now();
+    for i in 0..n {
+        let rid = format!("x-{i}");
+        let subject = SUBJECTS[i % SUBJECTS.len()];
+        let at = ts(now - chrono::Duration::minutes((i as i64 * 97) % (3 * 24 * 60)));
+        if i % 4 == 3 {
+            let body = json!({"request_id": rid, "subject": subject, "model": MODELS[i % 2],
+                "at": at, "usage": {"cost": 11, "input_tokens": 3}});
+            let (st, b) = stack.post("/v1/settle", body).await;
+            assert_eq!(st, 202, "direct usage: {b}");
+            continue;
+        }
+        let (st, d) = stack
+            .post(
+                "/v1/admit",
+                json!({"request_id": rid, "subject": subject,
+                "model": MODELS[i % 2], "estimate": {"cost": 50}, "at": at}),
+            )
+            .await;
+        assert_eq!(st, 200, "{d}");
+        match i % 4 {
+            0 => {
+                for seq in 0..3 {
+                    let chunk = json!({"request_id": rid, "usage": {"cost": 5, "output_tokens": 7},
+                        "final": seq == 2, "seq": seq});
+                    let (st, b) = stack.post("/v1/settle", chunk).await;
+                    assert_eq!(st, 202, "chunk: {b}");
+                }
+            }
+            1 => {
+                let (st, b) = stack.post("/v1/release", json!({"request_id": rid})).await;
+                assert_eq!(st, 202, "release: {b}");
+            }
+            _ => {} // left to expire
+        }
+    }
+}
+
 /// Load in the background until the flag is set.
 fn background_load(
     stack: Arc<Stack>,
@@ -140,10 +180,21 @@ async fn table_digest(env: &TestEnv, table: &str) -> String {
 /// changes nothing and names it too, `replay` repairs it and the audit passes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_names_a_tampered_row_and_replay_repairs_it() {
-    let env = TestEnv::new(&[]).await;
+    let env = TestEnv::new(&["--reservation-ttl", "2s"]).await;
     let stack = Stack::start(&env).await;
     configure(&stack).await;
-    history(&stack, "h", 300).await;
+    history(&stack, "h", 3_000).await;
+    other_kinds(&stack, 200).await;
+    env.eventually("the unsettled reservations expire", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM ledger WHERE event_type = 'reservation.expired'",
+        )
+        .fetch_one(env.pool())
+        .await
+        .unwrap();
+        n >= 50
+    })
+    .await;
     caught_up(&env, &["usage", "quota", "daily_usage"]).await;
 
     let (code, out) = tally(&env, &["audit"]).await;
@@ -248,7 +299,7 @@ async fn audit_names_a_tampered_row_and_replay_repairs_it() {
 /// recomputation from the ledger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_under_load_equals_the_ledger() {
-    let env = TestEnv::new(&[]).await;
+    let env = TestEnv::new(&["--snapshot-every", "20000"]).await;
     let stack = Arc::new(Stack::start(&env).await);
     // 60,000 events over 30 days (2,000 keys, users, teams, customers, policies), then live
     // traffic over HTTP while both projections are rebuilt beside the live ones.
@@ -280,6 +331,10 @@ async fn replay_under_load_equals_the_ledger() {
     caught_up(&env, &["usage", "quota", "daily_usage"]).await;
     let (code, out) = tally(&env, &["audit"]).await;
     assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("audit snapshot "),
+        "the newest snapshot is audited too: {out}"
+    );
     match Arc::try_unwrap(stack) {
         Ok(s) => s.stop().await,
         Err(_) => panic!("load still holds the stack"),
