@@ -198,6 +198,50 @@ pub struct Report {
     pub ratio_postgres: Option<f64>,
     /// The restart measurement (with `--restart-events`).
     pub restart: Option<RestartResult>,
+    /// `tally replay` of every registered projection over the load's ledger (absent with
+    /// `--skip-load`).
+    pub replay: Vec<ReplayResult>,
+}
+
+/// One projection rebuilt from the first ledger row and swapped in, as `tally replay` does.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplayResult {
+    /// Projection.
+    pub projection: String,
+    /// Ledger rows folded.
+    pub rows: u64,
+    /// Rate.
+    pub rows_per_s: f64,
+    /// As a fraction of the raw batched Postgres insert of the same run.
+    pub ratio_postgres: f64,
+}
+
+/// Rebuild every registered projection over the bench's ledger, timed.
+async fn measure_replay(
+    common: &CommonArgs,
+    conns: &Connections,
+    raw_rows_per_s: f64,
+) -> anyhow::Result<Vec<ReplayResult>> {
+    let ctx = stack::projection_context(conns, common, true);
+    let mut out = Vec::new();
+    for entry in tally_projector::registry::REGISTRY {
+        eprintln!("bench: replay {}", entry.name);
+        let p = (entry.make)(&ctx);
+        let o = tally_projector::rebuild::rebuild(
+            &conns.pool,
+            p,
+            tally_projector::rebuild::Goal::Swap,
+            |_: &tally_projector::rebuild::Progress| {},
+        )
+        .await?;
+        out.push(ReplayResult {
+            projection: entry.name.to_owned(),
+            rows: o.rows,
+            rows_per_s: o.rows_per_s,
+            ratio_postgres: o.rows_per_s / raw_rows_per_s.max(1e-9),
+        });
+    }
+    Ok(out)
 }
 
 /// Run the benchmark and print the report.
@@ -278,6 +322,10 @@ async fn bench_on(
     } else {
         None
     };
+    let replay = match &load {
+        Some(_) => measure_replay(common, &conns, baselines.postgres_rows_per_s).await?,
+        None => Vec::new(),
+    };
     let ratio = |f: fn(&LoadResult, &Baselines) -> f64| load.as_ref().map(|l| f(l, &baselines));
     Ok(Report {
         clients: args.clients,
@@ -288,6 +336,7 @@ async fn bench_on(
         baselines,
         load,
         restart,
+        replay,
     })
 }
 
@@ -840,6 +889,15 @@ fn print_report(r: &Report) {
     );
     if let Some(l) = &r.load {
         print_load(r, l);
+    }
+    for x in &r.replay {
+        println!(
+            "  replay {:<18} {:>10.0} rows/s  = {:.1}% of raw Postgres ({} rows)",
+            x.projection,
+            x.rows_per_s,
+            100.0 * x.ratio_postgres,
+            x.rows
+        );
     }
     if let Some(x) = &r.restart {
         print_restart(x);
