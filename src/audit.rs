@@ -305,6 +305,7 @@ pub async fn audit_all(
     common: &CommonArgs,
     range: DayRange,
 ) -> anyhow::Result<Vec<ProjectionAudit>> {
+    wait_for_instances(pool, common).await;
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
@@ -342,8 +343,222 @@ pub async fn audit_all(
         out.push(report);
     }
     out.push(audit_snapshot(pool, &mut tx, common).await?);
+    for instance in live_instances(&mut tx, &common.stream).await? {
+        out.push(audit_instance(&mut tx, common, instance).await?);
+    }
     tx.commit().await?;
     Ok(out)
+}
+
+/// Pools the live quota table lists in calendar, periodic and lifetime windows.
+type PoolKeys = Vec<(String, String, Option<chrono::DateTime<chrono::Utc>>)>;
+
+async fn pool_keys(tx: &mut PgConnection) -> anyhow::Result<PoolKeys> {
+    Ok(sqlx::query_as(
+        "SELECT policy_id, subject, window_start FROM quota_windows \
+         WHERE window_key > '-infinity' OR window_start IS NULL ORDER BY 1, 2, 3",
+    )
+    .fetch_all(&mut *tx)
+    .await?)
+}
+
+/// A running API instance as registered in `api_instances`.
+struct Instance {
+    id: uuid::Uuid,
+    address: String,
+}
+
+async fn live_instances(tx: &mut PgConnection, stream: &str) -> anyhow::Result<Vec<Instance>> {
+    let gone = chrono::Duration::from_std(crate::stack::INSTANCE_GONE_AFTER)
+        .unwrap_or(chrono::Duration::MAX);
+    let rows: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        "SELECT instance, address FROM api_instances WHERE stream = $1 AND last_seen > $2 \
+         ORDER BY started_at",
+    )
+    .bind(stream)
+    .bind(chrono::Utc::now() - gone)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, address)| Instance { id, address })
+        .collect())
+}
+
+/// How long the audit waits for the ledger writer to commit what the running instances have
+/// already applied, before it takes its snapshot of the database.
+const LEDGER_WAIT: Duration = Duration::from_secs(10);
+
+/// Wait (bounded) until the ledger holds every stream sequence each running instance has
+/// applied, so that, at rest, the audit's transaction sees what the instances saw.
+async fn wait_for_instances(pool: &PgPool, common: &CommonArgs) {
+    let token = common
+        .admin_tokens
+        .split(',')
+        .map(str::trim)
+        .find(|t| !t.is_empty());
+    let (Some(token), Ok(mut conn)) = (token, pool.acquire().await) else {
+        return;
+    };
+    let Ok(instances) = live_instances(&mut conn, &common.stream).await else {
+        return;
+    };
+    let mut highest = 0;
+    for i in &instances {
+        if let Ok(Some((seq, _))) = read_instance(&i.address, token, &Vec::new()).await {
+            highest = highest.max(seq);
+        }
+    }
+    let started = Instant::now();
+    while started.elapsed() < LEDGER_WAIT {
+        let ledger: Result<i64, _> =
+            sqlx::query_scalar("SELECT COALESCE(max(stream_seq), 0) FROM ledger")
+                .fetch_one(&mut *conn)
+                .await;
+        if ledger.map_or(true, |l| l >= highest) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Times an instance is asked again when its state moved while it was being read (load).
+const INSTANCE_READ_ATTEMPTS: usize = 3;
+/// Bound on each call to an instance.
+const INSTANCE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One instance's live `used` of every listed pool against the ledger folded up to the stream
+/// sequence the instance had applied.
+async fn audit_instance(
+    tx: &mut PgConnection,
+    common: &CommonArgs,
+    instance: Instance,
+) -> anyhow::Result<ProjectionAudit> {
+    let name = format!("instance {} at {}", instance.id, instance.address);
+    let mut report = ProjectionAudit {
+        projection: name.clone(),
+        ..ProjectionAudit::default()
+    };
+    let Some(token) = common
+        .admin_tokens
+        .split(',')
+        .map(str::trim)
+        .find(|t| !t.is_empty())
+    else {
+        report.skipped = Some("no admin token to ask it with (TALLY_ADMIN_TOKENS)".into());
+        return Ok(report);
+    };
+    let keys = pool_keys(tx).await?;
+    let mut read = None;
+    for _ in 0..INSTANCE_READ_ATTEMPTS {
+        match read_instance(&instance.address, token, &keys).await {
+            Ok(Some(r)) => {
+                read = Some(r);
+                break;
+            }
+            Ok(None) => continue, // its state moved while being read; again
+            Err(e) => {
+                record_failure(&mut report, &name, format!("does not answer: {e:#}"));
+                return Ok(report);
+            }
+        }
+    }
+    let Some((seq, used)) = read else {
+        report.skipped = Some(
+            "its state kept moving while it was read (under load); audit again at rest".into(),
+        );
+        return Ok(report);
+    };
+    let visible: i64 = sqlx::query_scalar("SELECT COALESCE(max(stream_seq), 0) FROM ledger")
+        .fetch_one(&mut *tx)
+        .await?;
+    if seq > visible {
+        report.skipped = Some(format!(
+            "it has applied stream sequence {seq}, the ledger this audit reads ends at {visible}; audit again"
+        ));
+        return Ok(report);
+    }
+    report.checkpoint = Some(seq);
+    let ledger = ledger_quota(tx, Order::StreamSeq, seq).await?;
+    for ((policy_id, subject, start), live) in keys.iter().zip(used) {
+        let recomputed = pool_used(&ledger, policy_id, subject, *start);
+        let (Some(live), Some(recomputed)) = (live, recomputed) else {
+            report.not_comparable += 1;
+            continue;
+        };
+        report.compared += 1;
+        if live != recomputed {
+            record(
+                &mut report,
+                AuditDifference {
+                    projection: name.clone(),
+                    table: "live state".into(),
+                    key: json!([policy_id, subject, start]),
+                    projection_value: json!(live),
+                    ledger_value: json!(recomputed),
+                },
+            );
+        }
+    }
+    Ok(report)
+}
+
+fn record_failure(report: &mut ProjectionAudit, name: &str, why: String) {
+    record(
+        report,
+        AuditDifference {
+            projection: name.to_owned(),
+            table: "live state".into(),
+            key: serde_json::Value::Null,
+            projection_value: json!(why),
+            ledger_value: serde_json::Value::Null,
+        },
+    );
+}
+
+/// Ask an instance for `used` of every pool, in calls of at most its per-call bound. None when
+/// the stream sequence it had applied changed between the first and the last call.
+async fn read_instance(
+    address: &str,
+    token: &str,
+    keys: &PoolKeys,
+) -> anyhow::Result<Option<(i64, Vec<Option<i64>>)>> {
+    let client = reqwest::Client::builder()
+        .timeout(INSTANCE_CALL_TIMEOUT)
+        .build()?;
+    let url = format!("{}/v1/admin/pool-usage", address.trim_end_matches('/'));
+    let mut seqs = BTreeSet::new();
+    let mut used = Vec::with_capacity(keys.len());
+    let chunks: Vec<_> = keys.chunks(tally_api::MAX_POOLS_PER_CALL).collect();
+    for chunk in if chunks.is_empty() {
+        vec![&[][..]]
+    } else {
+        chunks
+    } {
+        let pools: Vec<_> = chunk
+            .iter()
+            .map(|(p, s, w)| json!({"policy_id": p, "subject": s, "window_start": w}))
+            .collect();
+        let answer: serde_json::Value = client
+            .post(&url)
+            .bearer_auth(token)
+            .json(&json!({ "pools": pools }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        seqs.insert(answer["as_of"]["stream_seq"].as_i64().unwrap_or(-1));
+        let rows = answer["pools"].as_array().cloned().unwrap_or_default();
+        anyhow::ensure!(
+            rows.len() == chunk.len(),
+            "answered {} pools of {}",
+            rows.len(),
+            chunk.len()
+        );
+        used.extend(rows.iter().map(|r| r["used"].as_i64()));
+    }
+    Ok((seqs.len() == 1).then(|| (seqs.into_iter().next().unwrap_or(0), used)))
 }
 
 /// The newest quota snapshot against the ledger folded up to the sequence it covers: `used` of
@@ -369,12 +584,7 @@ async fn audit_snapshot(
     );
     report.checkpoint = Some(stored.stream_seq);
     let ledger = ledger_quota(tx, Order::StreamSeq, stored.stream_seq).await?;
-    let keys: Vec<(String, String, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
-        "SELECT policy_id, subject, window_start FROM quota_windows \
-         WHERE window_key > '-infinity' OR window_start IS NULL",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
+    let keys = pool_keys(tx).await?;
     let backfill = chrono::Duration::from_std(common.max_backfill).unwrap_or(chrono::Duration::MAX);
     let floor = snapshot
         .clock()
@@ -553,27 +763,12 @@ fn compare_pools(
     }
 }
 
-/// `used` of a pool in the window starting at `start` (None: a lifetime window), as the
-/// ledger's fold has it; None when the policy is gone or its window no longer starts there.
-fn pool_used(
+/// `used` of a pool as `state` has it (see [`QuotaState::pool_used`]).
+pub fn pool_used(
     state: &QuotaState,
     policy_id: &str,
     subject: &str,
     start: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Option<i64> {
-    let policy = state.config.policy(policy_id)?;
-    let pool = Subject::parse(subject).ok()?;
-    let t = match start {
-        Some(s) => {
-            let bounds = policy.spec.bounds(s)?;
-            (policy.windowed() && bounds.start == s).then_some(s)?
-        }
-        None => {
-            if policy.windowed() {
-                return None;
-            }
-            state.clock()?
-        }
-    };
-    Some(state.used(policy, &pool, t))
+    state.pool_used(policy_id, &Subject::parse(subject).ok()?, start)
 }

@@ -130,6 +130,10 @@ pub struct CommonArgs {
     /// Days of the daily-usage report (`/v1/reports/daily-usage`) are in this IANA time zone.
     #[arg(long, env = "TALLY_REPORT_TIMEZONE", default_value = "UTC", value_parser = parse_time_zone)]
     pub report_timezone: chrono_tz::Tz,
+    /// The URL other processes reach this API instance at, registered for `tally audit`
+    /// (default: http:// and the bound address, loopback when bound to every interface).
+    #[arg(long, env = "TALLY_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// Serve without authentication (development only).
     #[arg(long)]
     pub insecure_no_auth: bool,

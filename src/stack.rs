@@ -215,6 +215,7 @@ pub fn api_state(
         max_backfill: common.max_backfill,
         max_clock_skew: common.max_clock_skew,
         report_tz: common.report_timezone,
+        advertise_url: common.advertise_url.clone(),
         unknown_subjects: common.unknown_subjects.into(),
         server: tally_api::server::ServerLimits {
             header_read_timeout: common.http_header_timeout,
@@ -254,12 +255,63 @@ pub async fn spawn_api(
     let bound = listener.local_addr()?;
     let stop = shutdown.wait();
     let limits = state.server_limits();
+    let (db, stream, advertise) = state.instance_registration();
+    let url = advertise.unwrap_or_else(|| {
+        let ip = if bound.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            bound.ip()
+        };
+        format!("http://{}", SocketAddr::new(ip, bound.port()))
+    });
+    let instance = uuid::Uuid::new_v4();
+    let heartbeat = tokio::spawn(heartbeat(db.clone(), instance, stream, url));
     let handle = tokio::spawn(async move {
-        tally_api::serve(listener, tally_api::app(state), limits, stop)
-            .await
-            .map_err(Into::into)
+        let served = tally_api::serve(listener, tally_api::app(state), limits, stop).await;
+        heartbeat.abort();
+        let _ = sqlx::query("DELETE FROM api_instances WHERE instance = $1")
+            .bind(instance)
+            .execute(&db)
+            .await;
+        served.map_err(Into::into)
     });
     Ok((bound, handle))
+}
+
+/// How often a running API instance renews its row in `api_instances`.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// An instance whose row is older than this is taken for gone (by `tally audit`) and removed
+/// by the next heartbeat of any instance.
+pub const INSTANCE_GONE_AFTER: Duration = Duration::from_secs(30);
+
+/// Register this instance for `tally audit` and keep the row fresh. Postgres being away is not
+/// an error here (admissions do not need it): the next beat registers again.
+async fn heartbeat(db: PgPool, instance: uuid::Uuid, stream: String, url: String) {
+    let started = chrono::Utc::now();
+    let gone = chrono::Duration::from_std(INSTANCE_GONE_AFTER).unwrap_or(chrono::Duration::MAX);
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    loop {
+        tick.tick().await;
+        let now = chrono::Utc::now();
+        let beat = sqlx::query(
+            "INSERT INTO api_instances (instance, stream, address, started_at, last_seen) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (instance) DO UPDATE SET last_seen = $5",
+        )
+        .bind(instance)
+        .bind(&stream)
+        .bind(&url)
+        .bind(started)
+        .bind(now)
+        .execute(&db)
+        .await;
+        let swept = sqlx::query("DELETE FROM api_instances WHERE last_seen < $1")
+            .bind(now - gone)
+            .execute(&db)
+            .await;
+        if let Err(e) = beat.and(swept) {
+            tracing::debug!(error = %e, "instance heartbeat failed; retrying");
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -26,6 +26,7 @@ async fn tally(env: &TestEnv, args: &[&str]) -> (i32, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(args)
         .envs(env.child_env())
+        .env("TALLY_ADMIN_TOKENS", common::ADMIN)
         .output()
         .await
         .expect("run tally");
@@ -200,6 +201,14 @@ async fn audit_names_a_tampered_row_and_replay_repairs_it() {
     let (code, out) = tally(&env, &["audit"]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("every projection matches the ledger"), "{out}");
+    let instance = out
+        .lines()
+        .find(|l| l.starts_with("audit instance "))
+        .unwrap_or_else(|| panic!("the running API instance is audited: {out}"));
+    assert!(
+        instance.contains(" 4 keys compared") && instance.ends_with(" 0 differences"),
+        "{instance}"
+    );
 
     let before = table_digest(&env, "usage_day").await;
     let (code, out) = tally(&env, &["replay", "--projection", "usage", "--verify"]).await;

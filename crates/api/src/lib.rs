@@ -4,6 +4,8 @@
 //! the router in-process or over a socket. Errors map to status codes in one place ([`error`]).
 
 mod admin;
+/// Most pools one `POST /v1/admin/pool-usage` may ask about.
+pub use admin::MAX_POOLS_PER_CALL;
 pub mod auth;
 pub mod body;
 mod durable;
@@ -55,6 +57,9 @@ pub struct ApiConfig {
     pub server: server::ServerLimits,
     /// The time zone of the daily-usage report's days (what its projection is built for).
     pub report_tz: chrono_tz::Tz,
+    /// The URL other processes reach this instance at (registered for `tally audit`); None:
+    /// `http://` + the bound address (loopback when bound to every interface).
+    pub advertise_url: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -66,6 +71,7 @@ impl Default for ApiConfig {
             unknown_subjects: Default::default(),
             server: Default::default(),
             report_tz: chrono_tz::UTC,
+            advertise_url: None,
         }
     }
 }
@@ -261,6 +267,16 @@ impl AppState {
             .clone()
     }
 
+    /// What the instance registry (`api_instances`, read by `tally audit`) needs: the
+    /// database, the stream and the URL other processes reach this instance at, if configured.
+    pub fn instance_registration(&self) -> (PgPool, String, Option<String>) {
+        (
+            self.0.db.clone(),
+            self.0.publisher.settings().name.clone(),
+            self.0.config.advertise_url.clone(),
+        )
+    }
+
     /// The HTTP limits this API was configured with.
     pub fn server_limits(&self) -> server::ServerLimits {
         self.0.config.server
@@ -301,6 +317,7 @@ pub fn app(state: AppState) -> Router {
             axum::routing::delete(admin::delete_grant),
         )
         .route("/v1/credits/{subject}", post(admin::post_credits))
+        .route("/v1/admin/pool-usage", post(admin::pool_usage))
         .route_layer(from_fn_with_state(state.clone(), auth::admin));
     let open = Router::new()
         .route("/healthz", get(ops::healthz))

@@ -51,7 +51,7 @@ pub async fn post_credits(
         (_, None) => return Err(ApiError::invalid("amount", "is required for this op")),
     };
     let at = state.event_time(body.at)?;
-    let _admin = state.0.admin_lock.lock().await;
+    let admin = state.admin_guard().await;
     if let Some(first) = body
         .id
         .as_deref()
@@ -77,7 +77,7 @@ pub async fn post_credits(
         None,
         Some(subject.clone()),
     );
-    state.write_config(env).await?;
+    state.write_config(&admin, env).await?;
     let q = state.quota();
     let answer = match body.id.as_deref().and_then(|id| q.credit_write(id)) {
         Some(a) => a.clone(),

@@ -49,7 +49,7 @@ pub async fn post_grant(
         expires_at: body.expires_at,
     };
     validate_grant("", &data)?;
-    let _admin = state.0.admin_lock.lock().await;
+    let admin = state.admin_guard().await;
     {
         let q = state.quota();
         if let Some(g) = &data.model_group
@@ -73,7 +73,7 @@ pub async fn post_grant(
         None,
         Some(data.subject.clone()),
     );
-    state.write_config(env).await?;
+    state.write_config(&admin, env).await?;
     Ok((StatusCode::CREATED, Json(data)).into_response())
 }
 
@@ -102,7 +102,7 @@ pub(super) async fn remove_by_id(
     event: fn(IdOnly) -> EventData,
 ) -> Result<Response, ApiError> {
     validate_id("id", &id)?;
-    let _admin = state.0.admin_lock.lock().await;
+    let admin = state.admin_guard().await;
     let subject = subject_of(&state.quota(), &id);
     let Some(subject) = subject else {
         return Err(ApiError::NotFound {
@@ -111,6 +111,6 @@ pub(super) async fn remove_by_id(
         });
     };
     let env = Envelope::new(event(IdOnly { id }), Utc::now(), None, Some(subject));
-    state.write_config(env).await?;
+    state.write_config(&admin, env).await?;
     Ok(super::policies::no_content())
 }

@@ -8,6 +8,7 @@ mod credits;
 mod grants;
 mod model_groups;
 mod policies;
+mod pools;
 mod subjects;
 
 use std::sync::atomic::Ordering;
@@ -22,6 +23,7 @@ pub use credits::{CreditsIn, post_credits};
 pub use grants::{GrantIn, delete_grant, post_grant};
 pub use model_groups::{ModelGroupIn, delete_model_group, put_model_group};
 pub use policies::{PolicyIn, ResetIn, delete_policy, list_policies, put_policy, reset_policy};
+pub use pools::{MAX_POOLS_PER_CALL, pool_usage};
 pub use subjects::{SubjectIn, delete_subject, get_subject, put_subject};
 
 /// Distinguish an absent field (keep) from an explicit `null` (clear): the trap Bifrost's
@@ -36,7 +38,24 @@ fn subject_param(field: &str, text: &str) -> Result<Subject, ApiError> {
     Subject::parse(text).map_err(|m| ApiError::invalid(field, m))
 }
 
+/// The admin lock, held from before validation until the write is applied, with the stream
+/// sequence the state reflected when it was taken.
+struct AdminGuard<'a> {
+    _lock: tokio::sync::MutexGuard<'a, ()>,
+    validated_at: u64,
+}
+
 impl AppState {
+    /// Take the admin lock and note the stream sequence this instance's state reflects now,
+    /// before the handler validates against that state.
+    async fn admin_guard(&self) -> AdminGuard<'_> {
+        let lock = self.0.admin_lock.lock().await;
+        AdminGuard {
+            _lock: lock,
+            validated_at: self.0.tail_seq.load(Ordering::Acquire),
+        }
+    }
+
     /// Publish a configuration event and apply it here. Serialized by the admin lock so the
     /// validation a handler did still holds when the event is applied. Never spooled, even with
     /// `--fail-open`: every instance must see a configuration change.
@@ -46,7 +65,7 @@ impl AppState {
     /// therefore conditional: it goes ahead only if this instance has folded the last event on
     /// its config subject, and JetStream refuses it if another lands there in between
     /// (`Nats-Expected-Last-Subject-Sequence`). Either way the loser gets a 409 and writes nothing.
-    async fn write_config(&self, env: Envelope) -> Result<(), ApiError> {
+    async fn write_config(&self, guard: &AdminGuard<'_>, env: Envelope) -> Result<(), ApiError> {
         env.validate()?;
         let publisher = &self.0.publisher;
         let subject = publisher.settings().subject_for(&env);
@@ -55,7 +74,10 @@ impl AppState {
         }
         let last = publisher.last_sequence_on(&subject).await?;
         let own = self.own_config_seq().get(&subject).copied();
-        let folded = last <= self.0.tail_seq.load(Ordering::Acquire) || own == Some(last);
+        // What the handler validated against, not what the tail has folded since: an event the
+        // tail applies after the validation was not checked against (the race of two instances
+        // writing the two halves of a conflict at once).
+        let folded = last <= guard.validated_at || own == Some(last);
         if !folded {
             return Err(ApiError::Conflict {
                 field: None,

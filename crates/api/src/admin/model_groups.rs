@@ -28,7 +28,7 @@ pub async fn put_model_group(
     JsonBody(body): JsonBody<ModelGroupIn>,
 ) -> Result<Response, ApiError> {
     validate_model_group("", &name, &body.models)?;
-    let _admin = state.0.admin_lock.lock().await;
+    let admin = state.admin_guard().await;
     if let Some((model, other)) = state.quota().config.model_conflict(&name, &body.models) {
         return Err(ApiError::Conflict {
             field: Some("models".into()),
@@ -43,7 +43,7 @@ pub async fn put_model_group(
         models: models.clone(),
     };
     let env = Envelope::new(EventData::ModelGroupUpserted(data), Utc::now(), None, None);
-    state.write_config(env).await?;
+    state.write_config(&admin, env).await?;
     Ok(Json(json!({"name": name, "models": models})).into_response())
 }
 
@@ -53,7 +53,7 @@ pub async fn delete_model_group(
     PathParam(name): PathParam,
 ) -> Result<Response, ApiError> {
     validate_id("name", &name)?;
-    let _admin = state.0.admin_lock.lock().await;
+    let admin = state.admin_guard().await;
     let user = {
         let q = state.quota();
         if q.config.model_group(&name).is_none() {
@@ -75,6 +75,6 @@ pub async fn delete_model_group(
         models: Vec::new(),
     };
     let env = Envelope::new(EventData::ModelGroupDeleted(data), Utc::now(), None, None);
-    state.write_config(env).await?;
+    state.write_config(&admin, env).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -66,7 +66,7 @@ pub async fn put_policy(
             "is required: a policy without a limit would enforce nothing",
         ));
     };
-    let _admin = state.0.admin_lock.lock().await;
+    let admin = state.admin_guard().await;
     let stored = state
         .quota()
         .config
@@ -91,7 +91,7 @@ pub async fn put_policy(
         None,
         Some(data.subject.clone()),
     );
-    state.write_config(env).await?;
+    state.write_config(&admin, env).await?;
     Ok(Json(policy_body(&state, &id)).into_response())
 }
 
@@ -190,7 +190,7 @@ pub async fn reset_policy(
     validate_id("id", &id)?;
     let subject = subject_param("subject", &body.subject)?;
     let at = state.event_time(body.at)?;
-    let _admin = state.0.admin_lock.lock().await;
+    let admin = state.admin_guard().await;
     if state.quota().config.policy(&id).is_none() {
         return Err(ApiError::NotFound {
             what: format!("policy `{id}`"),
@@ -208,7 +208,7 @@ pub async fn reset_policy(
         None,
         Some(subject.clone()),
     );
-    state.write_config(env).await?;
+    state.write_config(&admin, env).await?;
     Ok(Json(json!({"policy_id": id, "subject": subject, "reset_at": at})).into_response())
 }
 

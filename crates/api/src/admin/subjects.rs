@@ -41,7 +41,7 @@ pub async fn put_subject(
     JsonBody(body): JsonBody<SubjectIn>,
 ) -> Result<Response, ApiError> {
     let subject = chain_subject(&subject)?;
-    let _admin = state.0.admin_lock.lock().await;
+    let admin = state.admin_guard().await;
     let current = state
         .quota()
         .config
@@ -77,7 +77,7 @@ pub async fn put_subject(
         None,
         Some(subject.clone()),
     );
-    state.write_config(env).await?;
+    state.write_config(&admin, env).await?;
     Ok(Json(subject_body(&state, &subject)).into_response())
 }
 
@@ -115,7 +115,7 @@ pub async fn delete_subject(
     PathParam(subject): PathParam,
 ) -> Result<Response, ApiError> {
     let subject = chain_subject(&subject)?;
-    let _admin = state.0.admin_lock.lock().await;
+    let admin = state.admin_guard().await;
     let child = {
         let q = state.quota();
         if !q.is_known(&subject) {
@@ -138,6 +138,6 @@ pub async fn delete_subject(
         None,
         Some(subject),
     );
-    state.write_config(env).await?;
+    state.write_config(&admin, env).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -631,6 +631,28 @@ impl QuotaState {
             .get(&(policy.data.policy_id.clone(), pool.clone()))
     }
 
+    /// Settled `used` of pool `pool` of policy `policy_id` in the window that starts at `start`
+    /// (None: a lifetime window, as of the stream clock). None when the policy is gone, or its
+    /// window no longer starts there (it changed shape): the question has no answer. What the
+    /// audit asks the ledger's fold, a snapshot and every API instance alike.
+    pub fn pool_used(
+        &self,
+        policy_id: &str,
+        pool: &Subject,
+        start: Option<DateTime<Utc>>,
+    ) -> Option<i64> {
+        let policy = self.config.policy(policy_id)?;
+        let t = match start {
+            Some(s) => {
+                let bounds = policy.spec.bounds(s)?;
+                (policy.windowed() && bounds.start == s).then_some(s)?
+            }
+            None if policy.windowed() => return None,
+            None => self.clock?,
+        };
+        Some(self.used(policy, pool, t))
+    }
+
     /// Outstanding reservations of the pool in the window containing `t`.
     pub fn reserved(&self, policy: &PolicyConf, pool: &Subject, t: DateTime<Utc>) -> i64 {
         let key = PoolKey {
