@@ -16,7 +16,10 @@ use serde_json::json;
 use sqlx::{Connection as _, PgPool};
 use tally_api::Tokens;
 
+mod config;
 mod restart;
+
+pub use config::{BenchConfig, Shape};
 
 pub use restart::{RestartResult, Start};
 
@@ -83,7 +86,30 @@ pub struct BenchArgs {
     /// Skip the load measurement (baselines and, with `--restart-events`, the restart only).
     #[arg(long)]
     pub skip_load: bool,
+    /// `realistic`: the configuration of SPEC v2 §11 (hierarchy, groups, model groups, policies
+    /// of every window kind, credits; skewed traffic, streamed settlements); `empty`: 32 keys,
+    /// no configuration.
+    #[arg(long, value_enum, default_value = "realistic")]
+    pub config: BenchConfig,
+    /// Keys of the realistic configuration (users, teams, customers: a tenth each level down).
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: usize,
+    /// Open loop after the closed one: requests at this share of the measured saturation rate,
+    /// latency counted from each request's scheduled send time (no coordinated omission).
+    #[arg(long, default_value_t = 0.5)]
+    pub open_loop_share: f64,
+    /// Duration of the open loop (0: skip it).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub open_loop_duration: Duration,
 }
+
+/// Most keys of the realistic configuration (its set-up is one admin write per subject).
+pub const MAX_KEYS: usize = 1_000_000;
+/// Admin writes of the set-up in flight at once.
+const SETUP_CONCURRENCY: usize = 16;
+/// Requests of the open loop in flight at once; a request waiting for a slot is late, and its
+/// lateness counts in its latency (measured from the schedule).
+const OPEN_LOOP_IN_FLIGHT: usize = 4_096;
 
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -201,6 +227,35 @@ pub struct Report {
     /// `tally replay` of every registered projection over the load's ledger (absent with
     /// `--skip-load`).
     pub replay: Vec<ReplayResult>,
+    /// `realistic` or `empty`.
+    pub config: BenchConfig,
+    /// The realistic configuration's shape.
+    pub shape: Option<Shape>,
+    /// The open loop (absent with `--skip-load` or a zero duration).
+    pub open_loop: Option<OpenLoop>,
+    /// Ledger bytes per event: table, indexes and TOAST (`pg_total_relation_size`) / rows.
+    pub ledger_bytes_per_event: Option<f64>,
+    /// Freshness on a second instance (copied from the load).
+    pub freshness_other_instance_ms: Option<LagMs>,
+    /// Peak RSS of the bench process (copied from the load).
+    pub peak_rss_mib: Option<f64>,
+    /// `tally replay` rate of the usage projection.
+    pub replay_rows_per_s: Option<f64>,
+    /// Time to the first decided admission of a restart from the newest snapshot.
+    pub restart_ready_ms: Option<u64>,
+}
+
+/// Latency at a fixed offered rate.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpenLoop {
+    /// Offered admit + settle pairs per second.
+    pub rate_per_s: f64,
+    /// Pairs completed.
+    pub completed: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// `POST /v1/admit` latency from its scheduled send time.
+    pub admission_latency: Percentiles,
 }
 
 /// One projection rebuilt from the first ledger row and swapped in, as `tally replay` does.
@@ -251,6 +306,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.duration.is_zero() || args.baseline_duration.is_zero() {
         bail!("--duration and --baseline-duration must be above zero");
+    }
+    if args.keys == 0 || args.keys > MAX_KEYS {
+        bail!("--keys must be between 1 and {MAX_KEYS}");
+    }
+    if !(args.open_loop_share > 0.0 && args.open_loop_share <= 1.0) {
+        bail!("--open-loop-share must be above 0 and at most 1");
     }
     let mut services = Services::ensure(&ServicesOptions {
         mode: ServicesMode::Auto,
@@ -326,8 +387,27 @@ async fn bench_on(
         Some(_) => measure_replay(common, &conns, baselines.postgres_rows_per_s).await?,
         None => Vec::new(),
     };
+    let (load, open_loop) = match load {
+        Some((l, o)) => (Some(l), o),
+        None => (None, None),
+    };
     let ratio = |f: fn(&LoadResult, &Baselines) -> f64| load.as_ref().map(|l| f(l, &baselines));
+    let ledger_bytes_per_event = match &load {
+        Some(_) => Some(ledger_bytes_per_event(&conns.pool).await?),
+        None => None,
+    };
     Ok(Report {
+        config: args.config,
+        shape: (args.config == BenchConfig::Realistic).then(|| Shape::of(args.keys)),
+        open_loop,
+        ledger_bytes_per_event,
+        freshness_other_instance_ms: load.as_ref().map(|l| l.freshness_other_instance_ms),
+        peak_rss_mib: load.as_ref().map(|l| l.peak_rss_mib),
+        replay_rows_per_s: replay
+            .iter()
+            .find(|r| r.projection == "usage")
+            .map(|r| r.rows_per_s),
+        restart_ready_ms: restart.as_ref().map(|r| r.with_snapshot.ready_ms),
         clients: args.clients,
         duration_s: args.duration.as_secs_f64(),
         ratio_http: ratio(|l, b| l.http_requests_per_s / b.http_requests_per_s),
@@ -503,13 +583,161 @@ struct LoadCtx {
     measuring: AtomicBool,
     errors: AtomicU64,
     run: String,
+    config: BenchConfig,
+    keys: usize,
+    /// HTTP requests of measured pairs (a streamed pair makes more than two).
+    requests: AtomicU64,
+}
+
+/// Write the realistic configuration through the admin API, a level at a time (parents
+/// before children), a few writes in flight.
+async fn set_up(ctx: &LoadCtx, shape: Shape) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let started = Instant::now();
+    let writes = config::admin_writes(shape);
+    let level = |path: &str| -> usize {
+        [
+            "/v1/model-groups/",
+            "/v1/subjects/customer:",
+            "/v1/subjects/team:",
+            "/v1/subjects/user:",
+            "/v1/subjects/key:",
+            "/v1/policies/",
+            "/v1/credits/",
+        ]
+        .iter()
+        .position(|p| path.starts_with(p))
+        .unwrap_or(7)
+    };
+    let n = writes.len();
+    for l in 0..=7 {
+        let batch: Vec<_> = writes.iter().filter(|(_, p, _)| level(p) == l).collect();
+        let results: Vec<anyhow::Result<()>> = futures::stream::iter(batch)
+            .map(|(method, path, body)| admin_write(ctx, method, path, body))
+            .buffer_unordered(SETUP_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    }
+    eprintln!(
+        "bench: realistic configuration ({} keys, {} users, {} teams, {} customers): {n} admin writes in {:.1} s",
+        shape.keys,
+        shape.users,
+        shape.teams,
+        shape.customers,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Attempts of one set-up write (a 409 from a racing config write is retried).
+const SETUP_ATTEMPTS: usize = 20;
+
+async fn admin_write(
+    ctx: &LoadCtx,
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let method = reqwest::Method::from_bytes(method.as_bytes())?;
+    for _ in 0..SETUP_ATTEMPTS {
+        let r = ctx
+            .http
+            .request(method.clone(), format!("{}{path}", ctx.base))
+            .bearer_auth(&ctx.admin_token)
+            .json(body)
+            .send()
+            .await?;
+        let status = r.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        if status != reqwest::StatusCode::CONFLICT {
+            bail!("set-up write {path} refused: {status} {}", r.text().await?);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("set-up write {path} kept conflicting")
+}
+
+/// One admit + settle pair of the traffic (a streamed one settles in chunks). Returns the
+/// admission's latency and the settlement's (all chunks), or None on a failure.
+async fn pair(ctx: &LoadCtx, r: config::Request, request_id: &str) -> Option<(Duration, Duration)> {
+    let admit = json!({"request_id": request_id, "subject": r.subject, "model": r.model,
+        "estimate": {"cost": 2000, "input_tokens": 500}});
+    let t = Instant::now();
+    let admitted = post(ctx, "/v1/admit", &admit).await;
+    let a = t.elapsed();
+    if !admitted {
+        return None;
+    }
+    let t = Instant::now();
+    let chunks = if r.streamed { config::STREAM_CHUNKS } else { 1 };
+    if ctx.measuring.load(Ordering::Relaxed) {
+        ctx.requests.fetch_add(1 + chunks, Ordering::Relaxed);
+    }
+    for seq in 0..chunks {
+        let settle = json!({"request_id": request_id, "seq": seq, "final": seq + 1 == chunks,
+            "usage": {"input_tokens": 480 / chunks, "output_tokens": 120 / chunks, "cost": 1830 / chunks}});
+        if !post(ctx, "/v1/settle", &settle).await {
+            return None;
+        }
+    }
+    Some((a, t.elapsed()))
+}
+
+/// Requests at `rate` pairs/s for `duration`, each sent at its scheduled time (or as soon as a
+/// slot frees), its admission latency counted from the schedule.
+async fn open_loop(ctx: Arc<LoadCtx>, rate: f64, duration: Duration) -> OpenLoop {
+    let slots = Arc::new(tokio::sync::Semaphore::new(OPEN_LOOP_IN_FLIGHT));
+    let total = (rate * duration.as_secs_f64()).floor().max(1.0) as u64;
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    let mut traffic = config::Traffic::new(usize::MAX, ctx.keys, ctx.config);
+    for i in 0..total {
+        let request = traffic.next();
+        let scheduled = start + Duration::from_secs_f64(i as f64 / rate.max(1e-9));
+        tokio::time::sleep_until(scheduled).await;
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let rid = format!("o{}-{i}", ctx.run);
+            let late = tokio::time::Instant::now().duration_since(scheduled);
+            pair(&ctx, request, &rid).await.map(|(a, _)| a + late)
+        }));
+    }
+    let (mut admit_us, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        match t.await {
+            Ok(Some(a)) => admit_us.push(a.as_micros() as u64),
+            _ => errors += 1,
+        }
+    }
+    OpenLoop {
+        rate_per_s: rate,
+        completed: admit_us.len() as u64,
+        errors,
+        admission_latency: Percentiles::of(admit_us),
+    }
+}
+
+/// Ledger bytes per event: table, indexes and TOAST over rows.
+async fn ledger_bytes_per_event(pool: &PgPool) -> anyhow::Result<f64> {
+    let (bytes, rows): (i64, i64) =
+        sqlx::query_as("SELECT pg_total_relation_size('ledger'), (SELECT count(*) FROM ledger)")
+            .fetch_one(pool)
+            .await?;
+    Ok(bytes as f64 / rows.max(1) as f64)
 }
 
 async fn run_load(
     args: &BenchArgs,
     common: &CommonArgs,
     conns: &Connections,
-) -> anyhow::Result<LoadResult> {
+) -> anyhow::Result<(LoadResult, Option<OpenLoop>)> {
     let token = format!("bench_{}", uuid::Uuid::new_v4().simple());
     let admin_token = format!("bench_admin_{}", uuid::Uuid::new_v4().simple());
     let tokens = Tokens::from_lists(&admin_token, &token);
@@ -543,9 +771,30 @@ async fn run_load(
         measuring: AtomicBool::new(false),
         errors: AtomicU64::new(0),
         run: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
+        config: args.config,
+        keys: args.keys,
+        requests: AtomicU64::new(0),
     });
     wait_ready(&ctx).await?;
-    let result = drive(args, conns, ctx).await;
+    if args.config == BenchConfig::Realistic {
+        set_up(&ctx, Shape::of(args.keys)).await?;
+    }
+    let result = match drive(args, conns, ctx.clone()).await {
+        Ok(load) => {
+            let open = if args.open_loop_duration.is_zero() {
+                None
+            } else {
+                let rate = load.pairs_per_s * args.open_loop_share;
+                eprintln!(
+                    "bench: open loop at {rate:.0} pairs/s for {:?}",
+                    args.open_loop_duration
+                );
+                Some(open_loop(ctx.clone(), rate, args.open_loop_duration).await)
+            };
+            wait_drained(conns).await.map(|_| (load, open))
+        }
+        Err(e) => Err(e),
+    };
     shutdown.trigger();
     for h in handles {
         let _ = h.await;
@@ -631,28 +880,22 @@ async fn freshness_probe(ctx: Arc<LoadCtx>, stop: Instant) -> (Vec<u64>, Vec<u64
 /// One client: admit then settle, recording both latencies while measuring.
 async fn client_loop(ctx: Arc<LoadCtx>, client: usize, stop: Instant) -> (u64, Vec<u64>, Vec<u64>) {
     let (mut pairs, mut admit_us, mut settle_us) = (0u64, Vec::new(), Vec::new());
+    let mut traffic = config::Traffic::new(client, ctx.keys, ctx.config);
     let mut i = 0u64;
     while Instant::now() < stop {
         i += 1;
         let request_id = format!("b{}-{client}-{i}", ctx.run);
-        let subject = format!("key:bench_{}", client % 32);
-        let admit = json!({"request_id": request_id, "subject": subject, "model": "bench-model",
-            "estimate": {"cost": 2000, "input_tokens": 500}});
-        let settle = json!({"request_id": request_id,
-            "usage": {"input_tokens": 480, "output_tokens": 120, "cost": 1830}});
-        let t = Instant::now();
-        let a_ok = post(&ctx, "/v1/admit", &admit).await;
-        let a = t.elapsed();
-        let t = Instant::now();
-        let s_ok = a_ok && post(&ctx, "/v1/settle", &settle).await;
-        let s = t.elapsed();
+        let done = pair(&ctx, traffic.next(), &request_id).await;
         if ctx.measuring.load(Ordering::Relaxed) && Instant::now() < stop {
-            if a_ok && s_ok {
-                pairs += 1;
-                admit_us.push(a.as_micros() as u64);
-                settle_us.push(s.as_micros() as u64);
-            } else {
-                ctx.errors.fetch_add(1, Ordering::Relaxed);
+            match done {
+                Some((a, s)) => {
+                    pairs += 1;
+                    admit_us.push(a.as_micros() as u64);
+                    settle_us.push(s.as_micros() as u64);
+                }
+                None => {
+                    ctx.errors.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -708,10 +951,12 @@ async fn drive(
     let drain_ms = drained.elapsed().as_millis() as u64;
     let secs = args.duration.as_secs_f64();
     let pairs_per_s = pairs as f64 / secs;
+    // Every admit and every settle chunk is one HTTP request and one event.
+    let requests_per_s = ctx.requests.load(Ordering::Relaxed) as f64 / secs;
     Ok(LoadResult {
         pairs_per_s,
-        http_requests_per_s: 2.0 * pairs_per_s,
-        events_per_s: 2.0 * pairs_per_s,
+        http_requests_per_s: requests_per_s,
+        events_per_s: requests_per_s,
         admission_latency: Percentiles::of(admit_us),
         settle_latency: Percentiles::of(settle_us),
         errors: ctx.errors.load(Ordering::Relaxed),
@@ -872,6 +1117,13 @@ async fn cleanup(services: &Services, common: &CommonArgs, db: &str) {
 
 fn print_report(r: &Report) {
     let b = &r.baselines;
+    match &r.shape {
+        Some(s) => println!(
+            "configuration: realistic ({} keys, {} users, {} teams, {} customers)",
+            s.keys, s.users, s.teams, s.customers
+        ),
+        None => println!("configuration: empty (32 keys, no policies)"),
+    }
     println!("raw baselines");
     println!(
         "  trivial HTTP round trip   {:>10.0} req/s   {}",
@@ -889,6 +1141,18 @@ fn print_report(r: &Report) {
     );
     if let Some(l) = &r.load {
         print_load(r, l);
+    }
+    if let Some(o) = &r.open_loop {
+        println!(
+            "  open loop {:>10.0} pairs/s offered, {} done, {} errors; admission from schedule {}",
+            o.rate_per_s,
+            o.completed,
+            o.errors,
+            pct(&o.admission_latency)
+        );
+    }
+    if let Some(b) = r.ledger_bytes_per_event {
+        println!("  ledger size               {b:>10.0} bytes/event (table, indexes, TOAST)");
     }
     for x in &r.replay {
         println!(
