@@ -21,17 +21,11 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<u8> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
-                .unwrap_or_else(|_| "info,sqlx=warn,async_nats=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
     // Fail points are compiled only into test builds (feature `failpoints`); a test configures
     // them through this variable.
     let _failpoints = std::env::var_os("FAILPOINTS").map(|_| fail::FailScenario::setup());
-    let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -49,6 +43,24 @@ fn run() -> anyhow::Result<u8> {
         }
         .map(|()| 0)
     })
+}
+
+/// Logs go to stderr, filtered by `TALLY_LOG`, else `RUST_LOG`, else `info` (sqlx and
+/// async-nats at `warn`); colours only when stderr is a terminal.
+fn init_logs(format: tally::cli::LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = ["TALLY_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|v| tracing_subscriber::EnvFilter::try_from_env(v).ok())
+        .unwrap_or_else(|| "info,sqlx=warn,async_nats=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        tally::cli::LogFormat::Text => builder.init(),
+        tally::cli::LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 fn exit_code(code: i32) -> u8 {

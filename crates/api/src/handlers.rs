@@ -164,7 +164,15 @@ fn admission_body(state: &AppState, view: &RequestView, replayed: bool) -> Respo
 /// `POST /v1/admit`: decide against the live quota state, reserve under the same lock, publish
 /// the decision and await the ack, then answer. Idempotent by `request_id`.
 #[tracing::instrument(skip_all, fields(request_id = %body.request_id))]
-pub async fn admit(
+pub async fn admit(state: State<AppState>, JsonBody(body): JsonBody<AdmitIn>) -> Response {
+    let info = crate::access::AccessInfo {
+        subject: Some(body.subject.clone()),
+        request_id: Some(body.request_id.clone()),
+    };
+    info.tag(admit_inner(state, JsonBody(body)).await.into_response())
+}
+
+async fn admit_inner(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<AdmitIn>,
 ) -> Result<Response, ApiError> {
@@ -294,7 +302,15 @@ pub struct SettleIn {
 /// records direct usage when the request was never admitted. A request admitted long ago is
 /// matched through the ledger and counted in its admission's windows with its frozen flags.
 #[tracing::instrument(skip_all, fields(request_id = %body.request_id))]
-pub async fn settle(
+pub async fn settle(state: State<AppState>, JsonBody(body): JsonBody<SettleIn>) -> Response {
+    let info = crate::access::AccessInfo {
+        subject: body.subject.clone(),
+        request_id: Some(body.request_id.clone()),
+    };
+    info.tag(settle_inner(state, JsonBody(body)).await.into_response())
+}
+
+async fn settle_inner(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<SettleIn>,
 ) -> Result<Response, ApiError> {

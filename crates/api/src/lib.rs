@@ -3,6 +3,7 @@
 //! [`app`] builds the router from an [`AppState`]; [`serve`] runs it on a listener. Tests drive
 //! the router in-process or over a socket. Errors map to status codes in one place ([`error`]).
 
+pub mod access;
 mod admin;
 /// Most pools one `POST /v1/admin/pool-usage` may ask about.
 pub use admin::MAX_POOLS_PER_CALL;
@@ -329,6 +330,7 @@ pub fn app(state: AppState) -> Router {
         .merge(open)
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(axum::middleware::from_fn(access::access_log))
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(server::limit_content_length))
         .with_state(state)
