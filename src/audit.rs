@@ -82,7 +82,7 @@ pub async fn connect_db(common: &CommonArgs) -> anyhow::Result<PgPool> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(5))
-        .connect(&url)
+        .connect_with(crate::stack::pg_options(&url)?)
         .await
         .with_context(|| format!("connecting to Postgres at {}", crate::stack::redact(&url)))?;
     let ledger: Option<String> = sqlx::query_scalar("SELECT to_regclass('ledger')::text")

@@ -27,6 +27,19 @@ pub const DB_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on connecting to NATS at start-up.
 pub const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Statements slower than this are logged (at debug: a 1,000-row batch insert is a page of
+/// text, and a slow one is already visible in the batch and lag metrics).
+pub const SLOW_STATEMENT: Duration = Duration::from_secs(1);
+
+/// Connection options for `url`, with slow statements logged at debug, not warn.
+pub fn pg_options(url: &str) -> anyhow::Result<sqlx::postgres::PgConnectOptions> {
+    use sqlx::ConnectOptions as _;
+    use std::str::FromStr as _;
+    Ok(sqlx::postgres::PgConnectOptions::from_str(url)
+        .with_context(|| format!("parsing the Postgres URL {}", redact(url)))?
+        .log_slow_statements(log::LevelFilter::Debug, SLOW_STATEMENT))
+}
+
 /// Live connections and the stream settings.
 #[derive(Clone)]
 pub struct Connections {
@@ -64,7 +77,7 @@ pub async fn connect(
     let pool = PgPoolOptions::new()
         .max_connections(MAX_DB_CONNECTIONS)
         .acquire_timeout(DB_ACQUIRE_TIMEOUT)
-        .connect(database_url)
+        .connect_with(pg_options(database_url)?)
         .await
         .with_context(|| format!("connecting to Postgres at {}", redact(database_url)))?;
     tally_ledger::migrate(&pool).await?;
