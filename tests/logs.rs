@@ -158,3 +158,44 @@ async fn rust_log_is_honoured_when_tally_log_is_unset() {
     assert!(!loud.contains('\u{1b}'), "no ANSI escapes on a pipe");
     env.cleanup().await;
 }
+
+/// `/metrics` is valid exposition format: one HELP and TYPE per family, declared before its
+/// samples (a HELP per labelled sample is what promtool refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_declare_each_family_once() {
+    let env = TestEnv::new(&[]).await;
+    let stack = common::Stack::start(&env).await;
+    let text = reqwest::get(stack.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut declared = std::collections::HashSet::new();
+    let mut typed = std::collections::HashSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap();
+            assert!(
+                declared.insert(name.to_owned()),
+                "second HELP for {name}:\n{text}"
+            );
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.insert(rest.split(' ').next().unwrap().to_owned());
+        } else if !line.is_empty() {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(typed.contains(name), "sample before its TYPE: {line}");
+        }
+    }
+    let projections = text
+        .lines()
+        .filter(|l| l.starts_with("tally_projection_checkpoint{"))
+        .count();
+    assert_eq!(
+        projections,
+        tally_projector::registry::REGISTRY.len(),
+        "{text}"
+    );
+    stack.stop().await;
+    env.cleanup().await;
+}

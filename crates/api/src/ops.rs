@@ -226,13 +226,18 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             l.checkpoint.load(Ordering::Relaxed) as i64,
         );
     }
-    for (name, _, p) in &inner.workers.projectors {
-        gauge(
-            "tally_projection_checkpoint",
-            "Projection checkpoint (ledger pos).",
-            Some(name),
-            p.checkpoint.load(Ordering::Relaxed),
+    // One family, one HELP and TYPE, a sample per projection (a HELP per sample is invalid
+    // exposition format: promtool refuses a second HELP line for a name).
+    if !inner.workers.projectors.is_empty() {
+        let name = "tally_projection_checkpoint";
+        let _ = write!(
+            out,
+            "# HELP {name} Projection checkpoint (ledger pos, stream sequence for quota).\n# TYPE {name} gauge\n"
         );
+        for (projection, _, p) in &inner.workers.projectors {
+            let v = p.checkpoint.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{projection=\"{projection}\"}} {v}");
+        }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
