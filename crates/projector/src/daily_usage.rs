@@ -17,7 +17,7 @@ use crate::Error;
 use crate::claims::{Claim, ClaimsFuture, DayRange};
 use crate::runner::{ApplyFuture, Projection};
 use crate::tables::Tables;
-use crate::usage::{USAGE_COLUMNS, daily_sums, saturating_add};
+use crate::usage::{add_usage_on_conflict, daily_sums};
 
 /// Most rows one report page returns (the caller pages on with `cursor`): bounds the response
 /// and the query.
@@ -123,14 +123,7 @@ async fn upsert(tx: &mut PgConnection, table: &str, totals: &DailyTotals) -> Res
             slot.push(v);
         }
     }
-    let sets = USAGE_COLUMNS
-        .map(|c| {
-            format!(
-                "{c} = {}",
-                saturating_add(&format!("t.{c}"), &format!("EXCLUDED.{c}"))
-            )
-        })
-        .join(", ");
+    let sets = add_usage_on_conflict();
     let sql = format!(
         "INSERT INTO {table} AS t (subject, model, day, requests, input_tokens, output_tokens, cost, credits) \
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::date[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], $8::int8[]) \

@@ -191,6 +191,18 @@ pub fn saturating_add(a: &str, b: &str) -> String {
     )
 }
 
+/// `SET` of an upsert adding the excluded row's amounts to the stored ones, saturating.
+pub(crate) fn add_usage_on_conflict() -> String {
+    USAGE_COLUMNS
+        .map(|c| {
+            format!(
+                "{c} = {}",
+                saturating_add(&format!("t.{c}"), &format!("EXCLUDED.{c}"))
+            )
+        })
+        .join(", ")
+}
+
 /// `sum(col)` as a bigint, saturating (the sum itself is numeric and cannot overflow).
 pub fn saturating_sum(col: &str) -> String {
     format!("LEAST(sum({col}), {max})::int8", max = i64::MAX)
@@ -213,14 +225,7 @@ async fn upsert(tx: &mut PgConnection, table: &str, totals: &UsageTotals) -> Res
             slot.push(v);
         }
     }
-    let sets = USAGE_COLUMNS
-        .map(|c| {
-            format!(
-                "{c} = {}",
-                saturating_add(&format!("t.{c}"), &format!("EXCLUDED.{c}"))
-            )
-        })
-        .join(", ");
+    let sets = add_usage_on_conflict();
     let sql = format!(
         "INSERT INTO {table} AS t (subject, model, model_group, counted_in_key_global, counted_in_user_global, bucket, \
            requests, input_tokens, output_tokens, cost, credits) \
