@@ -40,12 +40,14 @@ pub struct Startup {
 /// The ledger writer's durable consumer: everything at or below its ack floor is in the ledger.
 const LEDGER_CONSUMER: &str = "tally-ledger";
 
-/// The first stream sequence not known to be in the ledger.
-async fn ledger_frontier(state: &AppState) -> Result<u64, String> {
-    let inner = &state.0;
-    let js = inner.publisher.jetstream();
-    let mut stream = js
-        .get_stream(&inner.publisher.settings().name)
+/// The instance's stream and the first sequence it still holds.
+async fn open_stream(
+    state: &AppState,
+) -> Result<(async_nats::jetstream::stream::Stream, u64), String> {
+    let publisher = &state.0.publisher;
+    let mut stream = publisher
+        .jetstream()
+        .get_stream(&publisher.settings().name)
         .await
         .map_err(|e| e.to_string())?;
     let first = stream
@@ -54,6 +56,12 @@ async fn ledger_frontier(state: &AppState) -> Result<u64, String> {
         .map_err(|e| e.to_string())?
         .state
         .first_sequence;
+    Ok((stream, first))
+}
+
+/// The first stream sequence not known to be in the ledger.
+async fn ledger_frontier(state: &AppState) -> Result<u64, String> {
+    let (stream, first) = open_stream(state).await?;
     let floor = match stream
         .get_consumer::<async_nats::jetstream::consumer::pull::Config>(LEDGER_CONSUMER)
         .await
@@ -212,17 +220,7 @@ pub async fn follow_task(
 async fn follow(state: &AppState, resume: &mut u64) -> Result<(), String> {
     let inner = &state.0;
     let settings = inner.publisher.settings();
-    let js = inner.publisher.jetstream();
-    let mut stream = js
-        .get_stream(&settings.name)
-        .await
-        .map_err(|e| e.to_string())?;
-    let first = stream
-        .info()
-        .await
-        .map_err(|e| e.to_string())?
-        .state
-        .first_sequence;
+    let (stream, first) = open_stream(state).await?;
     if first > *resume + 1 {
         // The stream no longer holds what this instance has not folded yet: start over from
         // the ledger, which does.
