@@ -18,10 +18,11 @@ use tally_events::quota::QuotaState;
 use tally_events::{DailyTotals, Envelope, Subject, Usage, day_of, fold_daily};
 use tally_projector::claims::{Claim, DayRange, PoolKey};
 use tally_projector::rebuild::{Goal, Outcome, Progress, rebuild};
-use tally_projector::registry::{self, Context};
+use tally_projector::registry;
 use tally_projector::{Order, Tables};
 
 use crate::cli::CommonArgs;
+use crate::stack::projection_context;
 
 /// Ledger rows read per page by the audit's recomputation.
 pub const AUDIT_PAGE_ROWS: i64 = 10_000;
@@ -96,26 +97,11 @@ pub async fn connect_db(common: &CommonArgs) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
-fn context(pool: &PgPool, common: &CommonArgs, rebuilding: bool) -> Context {
-    Context {
-        pool: pool.clone(),
-        quota: tally_projector::QuotaSettings {
-            stream: common.stream.clone(),
-            snapshot_every_events: common.snapshot_every,
-            snapshot_interval: common.snapshot_interval,
-            max_backfill: common.max_backfill,
-            reservation_ttl: common.reservation_ttl,
-        },
-        report_tz: common.report_timezone,
-        rebuilding,
-    }
-}
-
 /// Run `tally replay`. Returns the exit code (1: `--verify` found differences).
 pub async fn replay(args: ReplayArgs) -> anyhow::Result<i32> {
     let pool = connect_db(&args.common).await?;
     let entry = registry::find(args.projection).context("unknown projection")?;
-    let projection = (entry.make)(&context(&pool, &args.common, true));
+    let projection = (entry.make)(&projection_context(&pool, &args.common, true));
     let goal = if args.verify {
         Goal::Verify
     } else {
@@ -310,7 +296,10 @@ pub async fn audit_all(
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let ctx = context(pool, common, false);
+    let ctx = projection_context(pool, common, false);
+    let mut ledger = Recomputed::default();
+    // The snapshot covers the lowest sequence: checked first, so the quota fold only advances.
+    let snapshot = audit_snapshot(pool, &mut tx, &mut ledger, common).await?;
     let mut out = Vec::new();
     for entry in registry::REGISTRY {
         let p = (entry.make)(&ctx);
@@ -337,14 +326,22 @@ pub async fn audit_all(
         if let Some(at) = report.checkpoint {
             let claims = p.claims(&mut tx, Tables::LIVE, range).await?;
             for claim in claims {
-                check_claim(&mut tx, &mut report, entry.order, at, range, claim).await?;
+                check_claim(
+                    &mut tx,
+                    &mut ledger,
+                    &mut report,
+                    (entry.order, at),
+                    range,
+                    claim,
+                )
+                .await?;
             }
         }
         out.push(report);
     }
-    out.push(audit_snapshot(pool, &mut tx, common).await?);
+    out.push(snapshot);
     for instance in live_instances(&mut tx, &common.stream).await? {
-        out.push(audit_instance(&mut tx, common, instance).await?);
+        out.push(audit_instance(&mut tx, &mut ledger, common, instance).await?);
     }
     tx.commit().await?;
     Ok(out)
@@ -431,6 +428,7 @@ const INSTANCE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// sequence the instance had applied.
 async fn audit_instance(
     tx: &mut PgConnection,
+    ledger: &mut Recomputed,
     common: &CommonArgs,
     instance: Instance,
 ) -> anyhow::Result<ProjectionAudit> {
@@ -479,9 +477,9 @@ async fn audit_instance(
         return Ok(report);
     }
     report.checkpoint = Some(seq);
-    let ledger = ledger_quota(tx, Order::StreamSeq, seq).await?;
+    let ledger = ledger.quota(tx, (Order::StreamSeq, seq)).await?;
     for ((policy_id, subject, start), live) in keys.iter().zip(used) {
-        let recomputed = pool_used(&ledger, policy_id, subject, *start);
+        let recomputed = pool_used(ledger, policy_id, subject, *start);
         let (Some(live), Some(recomputed)) = (live, recomputed) else {
             report.not_comparable += 1;
             continue;
@@ -567,6 +565,7 @@ async fn read_instance(
 async fn audit_snapshot(
     pool: &PgPool,
     tx: &mut PgConnection,
+    ledger: &mut Recomputed,
     common: &CommonArgs,
 ) -> anyhow::Result<ProjectionAudit> {
     let mut report = ProjectionAudit {
@@ -583,8 +582,10 @@ async fn audit_snapshot(
         stored.id, stored.stream_seq
     );
     report.checkpoint = Some(stored.stream_seq);
-    let ledger = ledger_quota(tx, Order::StreamSeq, stored.stream_seq).await?;
     let keys = pool_keys(tx).await?;
+    let ledger = ledger
+        .quota(tx, (Order::StreamSeq, stored.stream_seq))
+        .await?;
     let backfill = chrono::Duration::from_std(common.max_backfill).unwrap_or(chrono::Duration::MAX);
     let floor = snapshot
         .clock()
@@ -594,7 +595,7 @@ async fn audit_snapshot(
             continue;
         }
         let held = pool_used(&snapshot, &policy_id, &subject, start);
-        let recomputed = pool_used(&ledger, &policy_id, &subject, start);
+        let recomputed = pool_used(ledger, &policy_id, &subject, start);
         let (Some(held), Some(recomputed)) = (held, recomputed) else {
             report.not_comparable += 1;
             continue;
@@ -619,58 +620,83 @@ async fn audit_snapshot(
 
 async fn check_claim(
     tx: &mut PgConnection,
+    ledger: &mut Recomputed,
     report: &mut ProjectionAudit,
-    order: Order,
-    at: i64,
+    position: (Order, i64),
     range: DayRange,
     claim: Claim,
 ) -> anyhow::Result<()> {
     match claim {
         Claim::UsageByDay { table, tz, rows } => {
-            let ledger = ledger_daily(tx, order, at, tz, range).await?;
-            compare_usage(report, &table, &rows, &ledger);
+            let totals = ledger.daily(tx, position, tz, range).await?;
+            compare_usage(report, &table, &rows, totals);
         }
         Claim::PoolUsed { table, rows } => {
-            let state = ledger_quota(tx, order, at).await?;
-            compare_pools(report, &table, &rows, &state);
+            let state = ledger.quota(tx, position).await?;
+            compare_pools(report, &table, &rows, state);
         }
     }
     Ok(())
 }
 
-/// Daily totals recomputed from the ledger rows a projection at `at` has folded.
-async fn ledger_daily(
-    tx: &mut PgConnection,
-    order: Order,
-    at: i64,
-    tz: Tz,
-    range: DayRange,
-) -> anyhow::Result<DailyTotals> {
-    let mut totals = DailyTotals::new();
-    fold_ledger(tx, order, at, |env| {
-        if let tally_events::EventData::UsageSettled(d) = &env.data
-            && range.contains(day_of(d.window_at, tz))
+/// What the audit recomputed from the ledger, kept between its comparisons: the usage tables'
+/// three claims and daily_usage's ask for the same daily totals, and the quota claim, the
+/// snapshot and each instance for the quota state at sequences close to one another (a later
+/// one continues the fold instead of starting again from the first row).
+#[derive(Default)]
+struct Recomputed {
+    daily: Option<((Order, i64, Tz, DayRange), DailyTotals)>,
+    quota: Option<((Order, i64), QuotaState)>,
+}
+
+impl Recomputed {
+    /// Daily totals (days in `tz`, within `range`) of the ledger rows up to `at`.
+    async fn daily<'a>(
+        &'a mut self,
+        tx: &mut PgConnection,
+        (order, at): (Order, i64),
+        tz: Tz,
+        range: DayRange,
+    ) -> anyhow::Result<&'a DailyTotals> {
+        let key = (order, at, tz, range);
+        if let Some((k, totals)) = self.daily.take()
+            && k == key
         {
-            fold_daily(&mut totals, env, tz);
+            return Ok(&self.daily.insert((k, totals)).1);
         }
-    })
-    .await?;
-    Ok(totals)
+        let mut totals = DailyTotals::new();
+        fold_ledger(tx, order, (0, at), |env| {
+            if let tally_events::EventData::UsageSettled(d) = &env.data
+                && range.contains(day_of(d.window_at, tz))
+            {
+                fold_daily(&mut totals, env, tz);
+            }
+        })
+        .await?;
+        Ok(&self.daily.insert((key, totals)).1)
+    }
+
+    /// The quota state of the ledger rows up to `at`.
+    async fn quota<'a>(
+        &'a mut self,
+        tx: &mut PgConnection,
+        (order, at): (Order, i64),
+    ) -> anyhow::Result<&'a QuotaState> {
+        let (from, mut q) = match self.quota.take() {
+            Some(((o, done), q)) if o == order && done <= at => (done, q),
+            _ => (0, QuotaState::default()),
+        };
+        fold_ledger(tx, order, (from, at), |env| q.apply(env)).await?;
+        Ok(&self.quota.insert(((order, at), q)).1)
+    }
 }
 
-/// The quota state recomputed from the ledger rows a projection at `at` has folded.
-async fn ledger_quota(tx: &mut PgConnection, order: Order, at: i64) -> anyhow::Result<QuotaState> {
-    let mut q = QuotaState::default();
-    fold_ledger(tx, order, at, |env| q.apply(env)).await?;
-    Ok(q)
-}
-
-/// Fold every ledger row up to `at` (by pos or stream sequence, as the projection counts) in
-/// that order, a page at a time, inside the audit's transaction.
+/// Fold every ledger row after `after` up to `at` (by pos or stream sequence, as the
+/// projection counts) in that order, a page at a time, inside the audit's transaction.
 pub async fn fold_ledger(
     tx: &mut PgConnection,
     order: Order,
-    at: i64,
+    (after, at): (i64, i64),
     mut f: impl FnMut(&Envelope),
 ) -> anyhow::Result<u64> {
     let column = match order {
@@ -681,7 +707,7 @@ pub async fn fold_ledger(
         "SELECT {column}, payload::text FROM ledger WHERE {column} > $1 AND {column} <= $2 \
          ORDER BY {column} LIMIT $3"
     );
-    let (mut after, mut rows) = (0i64, 0u64);
+    let (mut after, mut rows) = (after, 0u64);
     loop {
         let page: Vec<(i64, String)> = sqlx::query_as(&sql)
             .bind(after)

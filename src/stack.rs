@@ -162,9 +162,9 @@ pub fn spawn_ledger(
 }
 
 /// The quota projection's settings (snapshots, compaction) from the command line.
-pub fn quota_settings(c: &Connections, common: &CommonArgs) -> QuotaSettings {
+pub fn quota_settings(common: &CommonArgs) -> QuotaSettings {
     QuotaSettings {
-        stream: c.stream.name.clone(),
+        stream: common.stream.clone(),
         snapshot_every_events: common.snapshot_every,
         snapshot_interval: common.snapshot_interval,
         max_backfill: common.max_backfill,
@@ -172,11 +172,12 @@ pub fn quota_settings(c: &Connections, common: &CommonArgs) -> QuotaSettings {
     }
 }
 
-/// What the registry builds projections from.
-pub fn projection_context(c: &Connections, common: &CommonArgs, rebuilding: bool) -> Context {
+/// What the registry builds projections from (the live instances, or with `rebuilding` the
+/// ones that build from the first ledger row).
+pub fn projection_context(pool: &PgPool, common: &CommonArgs, rebuilding: bool) -> Context {
     Context {
-        pool: c.pool.clone(),
-        quota: quota_settings(c, common),
+        pool: pool.clone(),
+        quota: quota_settings(common),
         report_tz: common.report_timezone,
         rebuilding,
     }
@@ -189,8 +190,8 @@ pub fn spawn_projectors(
     common: &CommonArgs,
     shutdown: &Shutdown,
 ) -> (WorkerStats, Vec<JoinHandle<anyhow::Result<()>>>) {
-    let live = projection_context(c, common, false);
-    let fresh = projection_context(c, common, true);
+    let live = projection_context(&c.pool, common, false);
+    let fresh = projection_context(&c.pool, common, true);
     let mut stats = WorkerStats::default();
     let mut handles = Vec::new();
     for name in &common.projections.0 {

@@ -141,17 +141,10 @@ pub fn read_candidates(path: &PathBuf) -> anyhow::Result<Vec<PolicyUpserted>> {
             path.display(),
             data.policy_id
         );
-        let env = Envelope::new(
-            EventData::PolicyUpserted(data.clone()),
-            Utc::now(),
-            None,
-            None,
-        );
-        env.validate().map_err(|e| {
-            let field = e.field().unwrap_or("policy");
-            let field = field.strip_prefix("data.").unwrap_or(field);
-            anyhow::anyhow!("{}: [{i}].{field}: {e}", path.display())
-        })?;
+        // The same validators as PUT /v1/policies, naming the field as written in the file.
+        tally_events::rules::validate_id(&format!("[{i}].id"), &data.policy_id)
+            .and_then(|()| tally_events::rules::validate_policy(&format!("[{i}]"), &data).map(drop))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         out.push(data);
     }
     Ok(out)
@@ -172,13 +165,18 @@ pub async fn run(args: WhatifArgs) -> anyhow::Result<i32> {
         .unwrap_or(chrono::Duration::MAX);
     let mut w = Counterfactual::new(candidates, args.replace, (args.from, args.to), idempotency);
     let mut failure = None;
-    let rows = fold_ledger(&mut tx, tally_projector::Order::StreamSeq, head, |env| {
-        if failure.is_none()
-            && let Err(e) = w.apply(env)
-        {
-            failure = Some(e);
-        }
-    })
+    let rows = fold_ledger(
+        &mut tx,
+        tally_projector::Order::StreamSeq,
+        (0, head),
+        |env| {
+            if failure.is_none()
+                && let Err(e) = w.apply(env)
+            {
+                failure = Some(e);
+            }
+        },
+    )
     .await?;
     tx.commit().await?;
     if let Some(e) = failure {

@@ -277,7 +277,7 @@ async fn measure_replay(
     conns: &Connections,
     raw_rows_per_s: f64,
 ) -> anyhow::Result<Vec<ReplayResult>> {
-    let ctx = stack::projection_context(conns, common, true);
+    let ctx = stack::projection_context(&conns.pool, common, true);
     let mut out = Vec::new();
     for entry in tally_projector::registry::REGISTRY {
         eprintln!("bench: replay {}", entry.name);
