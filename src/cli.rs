@@ -44,9 +44,9 @@ pub enum Command {
     /// The HTTP API only.
     Api(CommonArgs),
     /// The ledger writer only.
-    Ledger(CommonArgs),
+    Ledger(WorkerArgs),
     /// The projection workers only.
-    Project(CommonArgs),
+    Project(WorkerArgs),
     /// Apply database migrations and create/update the stream, then exit.
     Migrate(CommonArgs),
     /// Load generator: admit + settle through the real stack, with raw baselines (SPEC §11).
@@ -62,6 +62,17 @@ pub enum Command {
     Whatif(crate::whatif::WhatifArgs),
 }
 
+/// Settings of a worker process (`tally ledger`, `tally project`).
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Serve `GET /metrics` (and `/healthz`) of this process's workers on this address
+    /// (default: none; an API process shows its metrics on the API's address).
+    #[arg(long, env = "TALLY_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
 /// Settings shared by every subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
@@ -72,7 +83,8 @@ pub struct CommonArgs {
     /// keep-alive connection is kept open.
     #[arg(long, env = "TALLY_HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub http_header_timeout: Duration,
-    /// NATS server URL.
+    /// NATS server URL; the nodes of a cluster separated by commas
+    /// (`nats://n1:4222,nats://n2:4222,nats://n3:4222`).
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
     /// Postgres URL.

@@ -5,9 +5,14 @@ use clap::Parser;
 use tally_api::{Tokens, WorkerStats};
 use tokio::task::JoinHandle;
 
-use tally::cli::{Cli, Command, CommonArgs, UpArgs};
+use tally::cli::{Cli, Command, CommonArgs, UpArgs, WorkerArgs};
 use tally::stack::{self, Shutdown};
 use tally::{bench, services};
+
+/// A pooling allocator: the fold and the admit path allocate many small, short-lived values
+/// (docs/benchmarks.md has the profiles before and after).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     match run() {
@@ -108,20 +113,49 @@ async fn api(c: CommonArgs) -> anyhow::Result<()> {
     supervise(vec![handle, tasks], shutdown).await
 }
 
-async fn ledger(c: CommonArgs) -> anyhow::Result<()> {
-    let (nats, db) = urls(&c)?;
-    let conns = stack::connect(&c, &nats, &db).await?;
+async fn ledger(args: WorkerArgs) -> anyhow::Result<()> {
+    let c = &args.common;
+    let (nats, db) = urls(c)?;
+    let conns = stack::connect(c, &nats, &db).await?;
     let shutdown = Shutdown::default();
-    let (_, handle) = stack::spawn_ledger(&conns, &shutdown);
-    supervise(vec![handle], shutdown).await
+    let (stats, handle) = stack::spawn_ledger(&conns, &shutdown);
+    let workers = WorkerStats {
+        ledger: Some(stats),
+        ..WorkerStats::default()
+    };
+    let mut handles = vec![handle];
+    handles.extend(metrics_server(args.metrics_addr, workers, &shutdown).await?);
+    supervise(handles, shutdown).await
 }
 
-async fn project(c: CommonArgs) -> anyhow::Result<()> {
-    let (nats, db) = urls(&c)?;
-    let conns = stack::connect(&c, &nats, &db).await?;
+async fn project(args: WorkerArgs) -> anyhow::Result<()> {
+    let c = &args.common;
+    let (nats, db) = urls(c)?;
+    let conns = stack::connect(c, &nats, &db).await?;
     let shutdown = Shutdown::default();
-    let (_, handles) = stack::spawn_projectors(&conns, &c, &shutdown);
+    let (workers, mut handles) = stack::spawn_projectors(&conns, c, &shutdown);
+    handles.extend(metrics_server(args.metrics_addr, workers, &shutdown).await?);
     supervise(handles, shutdown).await
+}
+
+/// `--metrics-addr`: serve the workers' `/metrics` there until shutdown.
+async fn metrics_server(
+    addr: Option<std::net::SocketAddr>,
+    workers: WorkerStats,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<JoinHandle<anyhow::Result<()>>>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --metrics-addr {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+    let stop = shutdown.wait();
+    Ok(Some(tokio::spawn(async move {
+        axum::serve(listener, tally_api::worker_metrics::app(workers))
+            .with_graceful_shutdown(stop)
+            .await
+            .map_err(Into::into)
+    })))
 }
 
 /// Run until a signal or until any task ends (a task ending on its own is a failure: the ledger

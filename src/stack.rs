@@ -59,11 +59,12 @@ pub async fn connect(
     nats_url: &str,
     database_url: &str,
 ) -> anyhow::Result<Connections> {
+    let servers = nats_servers(nats_url)?;
     let nats = async_nats::ConnectOptions::new()
         .name("tally")
         .connection_timeout(NATS_CONNECT_TIMEOUT)
         .retry_on_initial_connect()
-        .connect(nats_url)
+        .connect(servers.as_slice())
         .await
         .with_context(|| format!("connecting to NATS at {nats_url}"))?;
     let nats = tokio::time::timeout(NATS_CONNECT_TIMEOUT * 2, async {
@@ -96,6 +97,26 @@ pub async fn connect(
         pool,
         stream,
     })
+}
+
+/// The servers of `NATS_URL`: one URL, or several separated by commas (the nodes of a cluster;
+/// the client connects to one and fails over to the others).
+pub fn nats_servers(nats_url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    nats_url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .with_context(|| format!("NATS_URL: `{u}` is not a NATS server URL"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                anyhow::bail!("NATS_URL names no server")
+            }
+            Ok(v)
+        })
 }
 
 /// A URL without its password, for messages.
@@ -350,5 +371,14 @@ mod tests {
             "postgres://u:***@h:5432/db"
         );
         assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn nats_url_lists_a_cluster() {
+        let s = super::nats_servers("nats://a:4222, nats://b:4223,nats://c:4224").unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(super::nats_servers("nats://a:4222").unwrap().len(), 1);
+        assert!(super::nats_servers(" , ").is_err());
+        assert!(super::nats_servers("nats://a:4222,http://[bad").is_err());
     }
 }

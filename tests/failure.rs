@@ -28,14 +28,7 @@ fn nats_server(port: u16, dir: &std::path::Path) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("nats-server on PATH (scripts/test installs it)");
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "private nats-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_port(port, Duration::from_secs(20), "private nats-server");
     child
 }
 

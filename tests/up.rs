@@ -67,13 +67,33 @@ async fn up_starts_private_services_and_becomes_ready() {
         .find(|l| l.contains("api token"))
         .expect("prints the API token");
     let token = token_line.rsplit(' ').next().unwrap();
-    let r = http
-        .get(format!("http://127.0.0.1:{port}/v1/usage?subject=key:k"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "the printed token works");
+    // Ready means admissions are decided; a projection just created on the empty database may
+    // still be building for a moment, and its reads answer 503 `building` with Retry-After
+    // (never a 500) until it is live.
+    let usage_read = Instant::now();
+    loop {
+        let r = http
+            .get(format!("http://127.0.0.1:{port}/v1/usage?subject=key:k"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        let retry_after = r.headers().get("retry-after").cloned();
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        assert_eq!(
+            body["error"]["code"], "building",
+            "the printed token works: 200, or 503 while the usage projection is built: {body}"
+        );
+        assert!(retry_after.is_some(), "a 503 says when to retry");
+        assert!(
+            usage_read.elapsed() < READY_TIMEOUT,
+            "the usage projection of an empty ledger never became live"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let nats_line = printed.iter().find(|l| l.contains("NATS")).unwrap();
     assert!(
         !nats_line.contains(":4222"),

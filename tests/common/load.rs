@@ -40,16 +40,28 @@ pub async fn run(
     clients: usize,
     stop: Arc<AtomicBool>,
 ) -> Vec<Outcome> {
+    run_tagged(stack, "", subjects, clients, stop).await
+}
+
+/// [`run`] with request ids prefixed by `tag` (several runs on one stack never share an id).
+pub async fn run_tagged(
+    stack: Arc<Stack>,
+    tag: &str,
+    subjects: &[&str],
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<Outcome> {
     let mut tasks = Vec::new();
     for c in 0..clients {
         let (stack, stop) = (stack.clone(), stop.clone());
         let subject = subjects[c % subjects.len()].to_owned();
+        let tag = tag.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let rid = format!("c{c}-{i}");
+                let rid = format!("{tag}c{c}-{i}");
                 let cost = 1 + (i as i64 * 7 + c as i64) % 50;
                 let sent = Instant::now();
                 let (st, d) = stack

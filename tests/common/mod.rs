@@ -31,6 +31,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Block until something accepts connections on 127.0.0.1:`port` (a server just spawned), at
+/// most `limit`; `what` names it in the failure.
+pub fn wait_for_port(port: u16, limit: Duration, what: &str) {
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < limit, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn nats_url() -> String {
     std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
@@ -227,6 +237,19 @@ impl Stack {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The body of `GET path` as text (no token: open routes).
+    #[allow(dead_code)]
+    pub async fn text(&self, path: &str) -> String {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// `/readyz`'s body.

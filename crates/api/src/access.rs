@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Query, Request};
+use axum::extract::{MatchedPath, Query, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 
@@ -34,8 +34,13 @@ fn bounded(text: &str) -> String {
     text.chars().take(MAX_LOGGED_CHARS).collect()
 }
 
-/// Middleware writing the access log line after the response is made.
-pub async fn access_log(req: Request, next: Next) -> Response {
+/// Middleware writing the access log line after the response is made, and counting the request
+/// in `/metrics` (by route pattern and status: bounded label values).
+pub async fn access_log(
+    State(state): State<crate::AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let route = req
@@ -56,12 +61,16 @@ pub async fn access_log(req: Request, next: Next) -> Response {
         .cloned()
         .unwrap_or_default();
     let subject = info.subject.or(from_query).or(from_path);
+    let seconds = started.elapsed().as_secs_f64();
+    state
+        .metrics()
+        .http(method.as_str(), &route, response.status().as_u16(), seconds);
     tracing::info!(
         target: "tally::access",
         method = %method,
         route = %route,
         status = response.status().as_u16(),
-        latency_ms = started.elapsed().as_secs_f64() * 1e3,
+        latency_ms = seconds * 1e3,
         subject = subject.as_deref().map(bounded).as_deref().unwrap_or("-"),
         request_id = info.request_id.as_deref().map(bounded).as_deref().unwrap_or("-"),
         "request"

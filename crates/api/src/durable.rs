@@ -2,8 +2,6 @@
 //! it under `--fail-open`; admissions whose publish is in doubt; threshold alerts; the stable ids
 //! of facts several instances may publish at once.
 
-use std::sync::atomic::Ordering;
-
 use chrono::{DateTime, Utc};
 use tally_events::{Envelope, EventData, ThresholdCrossed};
 
@@ -35,7 +33,7 @@ impl AppState {
                 }
             }
             return spool.append(env).await.map_err(|e| {
-                self.metrics().unavailable.fetch_add(1, Ordering::Relaxed);
+                self.metrics().unavailable.inc();
                 ApiError::from(e)
             });
         }
@@ -51,11 +49,11 @@ impl AppState {
         // reconnecting, possibly after we answered 503: refuse at once instead, so an event we
         // reported as not recorded does not appear later.
         if !connected {
-            self.metrics().unavailable.fetch_add(1, Ordering::Relaxed);
+            self.metrics().unavailable.inc();
             return Err(ApiError::Unavailable("NATS is disconnected".into()));
         }
         self.publish_while_connected(env).await.map_err(|e| {
-            self.metrics().unavailable.fetch_add(1, Ordering::Relaxed);
+            self.metrics().unavailable.inc();
             ApiError::from(e)
         })
     }

@@ -21,14 +21,19 @@ use crate::body::JsonBody;
 use crate::durable::unavailable_admission;
 use crate::error::ApiError;
 
-/// `estimate` / `usage` objects of the API: every amount optional.
-#[derive(Debug, Default, Deserialize)]
+/// `estimate` / `usage` objects of the API: every amount optional, non-negative minor units.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AmountsIn {
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
     requests: Option<i64>,
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
     input_tokens: Option<i64>,
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
     output_tokens: Option<i64>,
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
     cost: Option<i64>,
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64)]
     credits: Option<i64>,
 }
 
@@ -47,10 +52,13 @@ impl AmountsIn {
 }
 
 /// `POST /v1/admit` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdmitIn {
+    #[schema(min_length = 1, max_length = 256)]
     request_id: String,
+    /// The leaf subject, `kind:id`.
+    #[schema(pattern = "^[a-z_]{1,32}:[A-Za-z0-9._:@-]{1,128}$")]
     subject: String,
     model: Option<String>,
     #[serde(default)]
@@ -163,13 +171,35 @@ fn admission_body(state: &AppState, view: &RequestView, replayed: bool) -> Respo
 
 /// `POST /v1/admit`: decide against the live quota state, reserve under the same lock, publish
 /// the decision and await the ack, then answer. Idempotent by `request_id`.
+#[utoipa::path(post, path = "/v1/admit", tag = "data plane", request_body = AdmitIn,
+    security(("bearer" = [])),
+    responses((status = 200, description = "Decided (admitted or refused)", body = crate::docs::AdmitOut),
+        (status = 409, description = "The configuration applies more checks than allowed", body = crate::docs::ErrorBody),
+        crate::docs::DataPlaneErrors))]
 #[tracing::instrument(skip_all, fields(request_id = %body.request_id))]
 pub async fn admit(state: State<AppState>, JsonBody(body): JsonBody<AdmitIn>) -> Response {
     let info = crate::access::AccessInfo {
         subject: Some(body.subject.clone()),
         request_id: Some(body.request_id.clone()),
     };
-    info.tag(admit_inner(state, JsonBody(body)).await.into_response())
+    let seconds = state.metrics().admission_seconds.clone();
+    timed(seconds, info, async {
+        admit_inner(state, JsonBody(body)).await.into_response()
+    })
+    .await
+}
+
+/// Answer with `inner`'s response, its duration observed in `seconds` and tagged with `info` for
+/// the access log.
+async fn timed(
+    seconds: prometheus::Histogram,
+    info: crate::access::AccessInfo,
+    inner: impl std::future::Future<Output = Response>,
+) -> Response {
+    let started = std::time::Instant::now();
+    let response = inner.await;
+    seconds.observe(started.elapsed().as_secs_f64());
+    info.tag(response)
 }
 
 async fn admit_inner(
@@ -192,7 +222,7 @@ async fn admit_inner(
     if let Some(a) = &view.admission {
         let window = a.received_at.checked_add_signed(state.idempotency());
         if window.is_some_and(|end| now < end) {
-            state.metrics().replayed.fetch_add(1, Ordering::Relaxed);
+            state.metrics().replayed.inc();
             return Ok(admission_body(&state, &view, true));
         }
         // Past its idempotency window the id names a new request (SPEC §4.6).
@@ -244,16 +274,23 @@ async fn admit_inner(
         if matches!(e, ApiError::Unavailable(_)) {
             state.keep_in_doubt(env);
         }
+        state
+            .metrics()
+            .refused(tally_events::Reason::Unavailable.as_str());
         return Err(unavailable_admission(e, &body.request_id));
     }
     view.apply(&env);
+    state.applied_locally(env.id);
     let admitted = view.admission.as_ref().is_some_and(|a| a.admitted);
-    let counter = if admitted {
-        &state.metrics().admitted
+    if admitted {
+        state.metrics().admitted.inc();
     } else {
-        &state.metrics().rejected
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
+        state.metrics().rejected.inc();
+        let reason = view.admission.as_ref().and_then(|a| a.reason);
+        state
+            .metrics()
+            .refused(reason.map_or("unknown", |r| r.as_str()));
+    }
     state.publish_alerts(alerts, at).await;
     Ok(admission_body(&state, &view, false))
 }
@@ -276,13 +313,13 @@ impl AppState {
             return Err(unavailable_admission(e, &rid));
         }
         view.apply(&env);
-        self.metrics().replayed.fetch_add(1, Ordering::Relaxed);
+        self.metrics().replayed.inc();
         Ok(admission_body(self, view, true))
     }
 }
 
 /// `POST /v1/settle` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SettleIn {
     request_id: String,
@@ -301,13 +338,22 @@ pub struct SettleIn {
 /// `POST /v1/settle`: replaces the reservation with actual usage (or adds a streaming chunk), or
 /// records direct usage when the request was never admitted. A request admitted long ago is
 /// matched through the ledger and counted in its admission's windows with its frozen flags.
+#[utoipa::path(post, path = "/v1/settle", tag = "data plane", request_body = SettleIn,
+    security(("bearer" = [])),
+    responses((status = 202, description = "Recorded (or recognised as a retry)", body = crate::docs::SettleOut),
+        (status = 409, description = "Too many settlements for one request", body = crate::docs::ErrorBody),
+        crate::docs::DataPlaneErrors))]
 #[tracing::instrument(skip_all, fields(request_id = %body.request_id))]
 pub async fn settle(state: State<AppState>, JsonBody(body): JsonBody<SettleIn>) -> Response {
     let info = crate::access::AccessInfo {
         subject: body.subject.clone(),
         request_id: Some(body.request_id.clone()),
     };
-    info.tag(settle_inner(state, JsonBody(body)).await.into_response())
+    let seconds = state.metrics().settlement_seconds.clone();
+    timed(seconds, info, async {
+        settle_inner(state, JsonBody(body)).await.into_response()
+    })
+    .await
 }
 
 async fn settle_inner(
@@ -343,10 +389,7 @@ async fn settle_inner(
     }
     let matched = view.admission.is_some();
     if view.has_settlement(&settlement_id) {
-        state
-            .metrics()
-            .settlement_retries
-            .fetch_add(1, Ordering::Relaxed);
+        state.metrics().settlement_retries.inc();
         return Ok(settle_accepted(&settlement_id, &body.request_id, matched));
     }
     if view.settlements.len() >= MAX_SETTLEMENTS_PER_REQUEST {
@@ -400,7 +443,8 @@ async fn settle_inner(
         q.alerts_due(&resolved, window_at)
     };
     view.apply(&env);
-    state.metrics().settlements.fetch_add(1, Ordering::Relaxed);
+    state.applied_locally(env.id);
+    state.metrics().settlements.inc();
     state.publish_alerts(alerts, at).await;
     Ok(settle_accepted(&settlement_id, &body.request_id, matched))
 }
@@ -471,7 +515,7 @@ fn settlement_data(
 }
 
 /// `POST /v1/release` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseIn {
     request_id: String,
@@ -479,6 +523,11 @@ pub struct ReleaseIn {
 
 /// `POST /v1/release`: refund the reservation of an admitted, unsettled request. Idempotent: a
 /// release of a request already settled, released or expired changes nothing (202).
+#[utoipa::path(post, path = "/v1/release", tag = "data plane", request_body = ReleaseIn,
+    security(("bearer" = [])),
+    responses((status = 202, description = "Released (or nothing to release)", body = crate::docs::ReleaseOut),
+        (status = 404, description = "No admission of this request id", body = crate::docs::ErrorBody),
+        crate::docs::DataPlaneErrors))]
 #[tracing::instrument(skip_all, fields(request_id = %body.request_id))]
 pub async fn release(
     State(state): State<AppState>,
@@ -519,6 +568,6 @@ pub async fn release(
     state.publish(&env).await?;
     state.quota().apply(&env);
     view.apply(&env);
-    state.metrics().releases.fetch_add(1, Ordering::Relaxed);
+    state.metrics().releases.inc();
     Ok(accepted(true))
 }

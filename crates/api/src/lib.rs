@@ -9,9 +9,11 @@ mod admin;
 pub use admin::MAX_POOLS_PER_CALL;
 pub mod auth;
 pub mod body;
+pub mod docs;
 mod durable;
 pub mod error;
 mod handlers;
+pub mod metrics;
 mod ops;
 mod reads;
 mod reports;
@@ -19,6 +21,7 @@ pub mod server;
 pub mod table;
 pub mod tail;
 pub mod tasks;
+pub mod worker_metrics;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -27,11 +30,13 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post, put};
 use sqlx::PgPool;
 use tally_ledger::Publisher;
 use tally_ledger::writer::WriterStats;
 use tally_projector::ProjectorStats;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use auth::Tokens;
 
@@ -41,6 +46,7 @@ pub mod bodies {
     pub use crate::handlers::{AdmitIn, ReleaseIn, SettleIn};
 }
 pub use error::ApiError;
+pub use metrics::Metrics;
 use table::RequestTable;
 
 /// Settings of the API (SPEC §9).
@@ -75,29 +81,6 @@ impl Default for ApiConfig {
             advertise_url: None,
         }
     }
-}
-
-/// Counters for `/metrics`.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Admissions decided (admitted).
-    pub admitted: AtomicU64,
-    /// Admissions refused.
-    pub rejected: AtomicU64,
-    /// Admissions answered from the idempotency table.
-    pub replayed: AtomicU64,
-    /// Settlements published.
-    pub settlements: AtomicU64,
-    /// Settlements recognised as retries and not published again.
-    pub settlement_retries: AtomicU64,
-    /// Releases published.
-    pub releases: AtomicU64,
-    /// Reservation expiries published by this instance.
-    pub expiries: AtomicU64,
-    /// Times the stream tail failed and resumed.
-    pub tail_restarts: AtomicU64,
-    /// Requests answered 503 because an event could not be published.
-    pub unavailable: AtomicU64,
 }
 
 /// Optional stats of the workers running in the same process (`tally up`).
@@ -139,6 +122,10 @@ struct Inner {
     in_doubt: std::sync::Mutex<
         tally_events::quota::Bounded<String, (std::time::Instant, tally_events::Envelope)>,
     >,
+    /// Admissions and settlements this instance published and applied to its own state: its
+    /// tail skips them without decoding (they are in the state already). Past the bound the
+    /// tail decodes and applies them, which changes nothing (the fold is idempotent).
+    own_events: std::sync::Mutex<tally_events::quota::Bounded<uuid::Uuid, ()>>,
     /// `--fail-open`: where events go while NATS cannot take them.
     spool: Option<tally_ledger::Spool>,
     /// The quota fold: configuration, usage, reservations, credits. A std mutex, never held
@@ -147,6 +134,10 @@ struct Inner {
     /// Serializes admin writes, so a validation still holds when its event is applied.
     admin_lock: tokio::sync::Mutex<()>,
 }
+
+/// Most own events remembered for the tail to skip: more than the tail ever trails behind under
+/// load (a few seconds of admissions and settlements), a few MiB.
+pub const MAX_OWN_EVENTS: usize = 65_536;
 
 /// Shared state of every handler. Cheap to clone.
 #[derive(Clone)]
@@ -168,6 +159,7 @@ impl AppState {
         quota.set_idempotency(
             chrono::Duration::from_std(config.reservation_ttl * 2).unwrap_or(chrono::Duration::MAX),
         );
+        let metrics = Metrics::new(&workers, &publisher);
         AppState(Arc::new(Inner {
             publisher,
             nats,
@@ -175,7 +167,7 @@ impl AppState {
             tokens,
             config,
             requests,
-            metrics: Metrics::default(),
+            metrics,
             workers,
             tail_ready: AtomicBool::new(false),
             tail_seq: AtomicU64::new(0),
@@ -187,6 +179,7 @@ impl AppState {
             in_doubt: std::sync::Mutex::new(tally_events::quota::Bounded::new(
                 durable::MAX_IN_DOUBT,
             )),
+            own_events: std::sync::Mutex::new(tally_events::quota::Bounded::new(MAX_OWN_EVENTS)),
             spool,
             quota: std::sync::Mutex::new(quota),
             admin_lock: tokio::sync::Mutex::new(()),
@@ -225,6 +218,27 @@ impl AppState {
     pub fn idempotency(&self) -> chrono::Duration {
         chrono::Duration::from_std(self.0.config.reservation_ttl * 2)
             .unwrap_or(chrono::Duration::MAX)
+    }
+
+    /// `id` was published (acknowledged) and applied to this instance's state and request table:
+    /// its tail need not decode it. Called only after both applies, so a handler cancelled in
+    /// between leaves the event for the tail to apply.
+    pub(crate) fn applied_locally(&self, id: uuid::Uuid) {
+        self.0
+            .own_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, ());
+    }
+
+    /// Whether the tail may skip the message with event id `id` (and forget it).
+    pub(crate) fn take_own(&self, id: &uuid::Uuid) -> bool {
+        self.0
+            .own_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .is_some()
     }
 
     /// Whether the quota state was marked broken (see [`AppState::quota`]).
@@ -284,53 +298,57 @@ impl AppState {
     }
 }
 
-/// The router: every route with its auth, the body limit and tracing.
+/// The router: every route with its auth, the body limit and tracing. Every route is registered
+/// with its handler's OpenAPI description (utoipa-axum), so `/openapi.json` lists exactly what
+/// is served.
 pub fn app(state: AppState) -> Router {
-    let data_plane = Router::new()
-        .route("/v1/admit", post(handlers::admit))
-        .route("/v1/settle", post(handlers::settle))
-        .route("/v1/release", post(handlers::release))
-        .route("/v1/usage", get(reads::usage))
-        .route("/v1/requests/{request_id}", get(reads::request))
-        .route("/v1/quota", get(reads::quota))
-        .route("/v1/reports/daily-usage", get(reports::daily_usage))
+    let data_plane = OpenApiRouter::new()
+        .routes(routes!(handlers::admit))
+        .routes(routes!(handlers::settle))
+        .routes(routes!(handlers::release))
+        .routes(routes!(reads::usage))
+        .routes(routes!(reads::request))
+        .routes(routes!(reads::quota))
+        .routes(routes!(reports::daily_usage))
         .route_layer(from_fn_with_state(state.clone(), auth::data_plane));
-    let admin = Router::new()
-        .route(
-            "/v1/subjects/{subject}",
-            put(admin::put_subject)
-                .get(admin::get_subject)
-                .delete(admin::delete_subject),
-        )
-        .route(
-            "/v1/model-groups/{name}",
-            put(admin::put_model_group).delete(admin::delete_model_group),
-        )
-        .route("/v1/policies", get(admin::list_policies))
-        .route(
-            "/v1/policies/{id}",
-            put(admin::put_policy).delete(admin::delete_policy),
-        )
-        .route("/v1/policies/{id}/reset", post(admin::reset_policy))
-        .route("/v1/grants", post(admin::post_grant))
-        .route(
-            "/v1/grants/{id}",
-            axum::routing::delete(admin::delete_grant),
-        )
-        .route("/v1/credits/{subject}", post(admin::post_credits))
-        .route("/v1/admin/pool-usage", post(admin::pool_usage))
+    let admin = OpenApiRouter::new()
+        .routes(routes!(admin::subjects::list_subjects))
+        .routes(routes!(
+            admin::subjects::put_subject,
+            admin::subjects::get_subject,
+            admin::subjects::delete_subject
+        ))
+        .routes(routes!(
+            admin::model_groups::put_model_group,
+            admin::model_groups::delete_model_group
+        ))
+        .routes(routes!(admin::policies::list_policies))
+        .routes(routes!(
+            admin::policies::put_policy,
+            admin::policies::delete_policy
+        ))
+        .routes(routes!(admin::policies::reset_policy))
+        .routes(routes!(admin::grants::post_grant))
+        .routes(routes!(admin::grants::delete_grant))
+        .routes(routes!(admin::credits::post_credits))
+        .routes(routes!(admin::pools::pool_usage))
         .route_layer(from_fn_with_state(state.clone(), auth::admin));
-    let open = Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/openapi.json", get(ops::openapi));
-    data_plane
+    let open = OpenApiRouter::new()
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::openapi))
+        .routes(routes!(ops::ui));
+    let (router, document) = OpenApiRouter::with_openapi(docs::ApiDoc::openapi())
+        .merge(data_plane)
         .merge(admin)
         .merge(open)
+        .split_for_parts();
+    docs::publish(document);
+    router
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
-        .layer(axum::middleware::from_fn(access::access_log))
+        .layer(from_fn_with_state(state.clone(), access::access_log))
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(server::limit_content_length))
         .with_state(state)

@@ -1,6 +1,5 @@
 //! Operational endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document.
 
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -19,6 +18,8 @@ pub const MAX_READY_PROJECTION_LAG_ROWS: i64 = 50_000;
 pub const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `GET /healthz`: the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is up", body = crate::docs::HealthOut)))]
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
@@ -27,6 +28,9 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// NATS connected, or `--fail-open` spooling), 503 otherwise. Either way the body says what is
 /// wrong: `degraded` lists every dependency not in order (Postgres down or projections lagging do
 /// not stop admissions, which run on the in-memory state; the ledger catches up later).
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "Ready to decide admissions", body = crate::docs::ReadyOut),
+        (status = 503, description = "Not ready; `degraded` says why", body = crate::docs::ReadyOut)))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let inner = &state.0;
     let nats_ok = inner.nats.connection_state() == async_nats::connection::State::Connected;
@@ -105,146 +109,37 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: Prometheus text format (see [`crate::metrics`]).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let inner = &state.0;
-    let m = &inner.metrics;
-    let mut out = String::new();
-    let mut counter = |name: &str, help: &str, v: u64| {
-        let _ = write!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-        );
-    };
-    counter(
-        "tally_admissions_admitted_total",
-        "Admissions admitted.",
-        m.admitted.load(Ordering::Relaxed),
-    );
-    counter(
-        "tally_admissions_rejected_total",
-        "Admissions refused.",
-        m.rejected.load(Ordering::Relaxed),
-    );
-    counter(
-        "tally_admissions_replayed_total",
-        "Admissions answered from the idempotency table.",
-        m.replayed.load(Ordering::Relaxed),
-    );
-    counter(
-        "tally_settlements_total",
-        "Settlements published.",
-        m.settlements.load(Ordering::Relaxed),
-    );
-    counter(
-        "tally_settlement_retries_total",
-        "Settlements recognised as retries.",
-        m.settlement_retries.load(Ordering::Relaxed),
-    );
-    counter(
-        "tally_releases_total",
-        "Releases published.",
-        m.releases.load(Ordering::Relaxed),
-    );
-    counter(
-        "tally_reservation_expiries_total",
-        "Reservation expiries published by this instance.",
-        m.expiries.load(Ordering::Relaxed),
-    );
-    counter(
-        "tally_tail_restarts_total",
-        "Times the stream tail failed and resumed after its last folded sequence.",
-        m.tail_restarts.load(Ordering::Relaxed),
-    );
-    counter(
-        "tally_unavailable_total",
-        "Requests answered 503: an event could not be published.",
-        m.unavailable.load(Ordering::Relaxed),
-    );
-    if let Some(sp) = &inner.spool {
-        counter(
-            "tally_spool_appended_total",
-            "Events spooled to local disk because NATS could not take them (--fail-open).",
-            sp.appended_total(),
-        );
-        counter(
-            "tally_spool_published_total",
-            "Spooled events published to JetStream.",
-            sp.published_total(),
-        );
-    }
-    if let Some(l) = &inner.workers.ledger {
-        counter(
-            "tally_ledger_rows_appended_total",
-            "Ledger rows appended.",
-            l.rows_appended.load(Ordering::Relaxed),
-        );
-        counter(
-            "tally_ledger_duplicates_total",
-            "Messages already in the ledger.",
-            l.duplicates.load(Ordering::Relaxed),
-        );
-        counter(
-            "tally_ledger_rejects_total",
-            "Messages dead-lettered.",
-            l.rejects.load(Ordering::Relaxed),
-        );
-        counter(
-            "tally_ledger_batches_total",
-            "Ledger batches committed.",
-            l.batches.load(Ordering::Relaxed),
-        );
-    }
-    let mut gauge = |name: &str, help: &str, label: Option<&str>, v: i64| {
-        let l = label
-            .map(|p| format!("{{projection=\"{p}\"}}"))
-            .unwrap_or_default();
-        let _ = write!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{l} {v}\n"
-        );
-    };
-    gauge(
-        "tally_requests_tracked",
-        "Requests in the in-memory table.",
-        None,
-        inner.requests.len() as i64,
-    );
-    if let Some(sp) = &inner.spool {
-        gauge(
-            "tally_spool_pending_events",
-            "Spooled events waiting for NATS.",
-            None,
-            sp.pending() as i64,
-        );
-    }
-    if let Some(l) = &inner.workers.ledger {
-        gauge(
-            "tally_ledger_checkpoint",
-            "Last committed stream sequence.",
-            None,
-            l.checkpoint.load(Ordering::Relaxed) as i64,
-        );
-    }
-    // One family, one HELP and TYPE, a sample per projection (a HELP per sample is invalid
-    // exposition format: promtool refuses a second HELP line for a name).
-    if !inner.workers.projectors.is_empty() {
-        let name = "tally_projection_checkpoint";
-        let _ = write!(
-            out,
-            "# HELP {name} Projection checkpoint (ledger pos, stream sequence for quota).\n# TYPE {name} gauge\n"
-        );
-        for (projection, _, p) in &inner.workers.projectors {
-            let v = p.checkpoint.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}{{projection=\"{projection}\"}} {v}");
-        }
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let body = crate::metrics::render(&state).await;
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()
 }
 
-/// `GET /openapi.json`: the routes this build serves.
-pub async fn openapi() -> Json<serde_json::Value> {
-    Json(serde_json::from_str(include_str!("openapi.json")).expect("openapi.json is valid JSON"))
+/// `GET /openapi.json`: generated from the router's handlers (see [`crate::docs`]).
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "This document", body = serde_json::Value)))]
+pub async fn openapi() -> Response {
+    match crate::docs::document() {
+        Some(doc) => ([(header::CONTENT_TYPE, "application/json")], doc.to_owned()).into_response(),
+        None => ApiError::Internal("the OpenAPI document was not built".into()).into_response(),
+    }
+}
+
+/// `GET /ui`: the dashboard, one static page embedded in the binary (it reads the API with the
+/// token the operator enters, kept in the browser session only).
+#[utoipa::path(get, path = "/ui", tag = "operations",
+    responses((status = 200, description = "The dashboard (HTML)", body = String, content_type = "text/html")))]
+pub async fn ui() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("ui/index.html"),
+    )
+        .into_response()
 }
 
 /// Unknown routes get the standard error body.

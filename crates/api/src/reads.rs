@@ -14,6 +14,13 @@ use crate::error::ApiError;
 use crate::handlers::{name_field, subject_field};
 
 /// `GET /v1/usage?subject=&from=&to=&granularity=&model=`: settled usage per bucket.
+#[utoipa::path(get, path = "/v1/usage", tag = "data plane", security(("bearer" = [])),
+    params(("subject" = String, Query, description = "A chain subject, e.g. `key:k1`"),
+        ("from" = Option<String>, Query, description = "RFC 3339; default `to` minus one day"),
+        ("to" = Option<String>, Query, description = "RFC 3339; default now"),
+        ("granularity" = Option<String>, Query, description = "`minute`, `hour` (default) or `day`"),
+        ("model" = Option<String>, Query, description = "Only this model")),
+    responses((status = 200, description = "Settled usage per bucket", body = serde_json::Value), crate::docs::DataPlaneErrors))]
 pub async fn usage(State(state): State<AppState>, params: Params) -> Result<Response, ApiError> {
     let params = params.only(&["subject", "from", "to", "granularity", "model"])?;
     let subject = subject_field("subject", params.required("subject")?)?;
@@ -50,6 +57,10 @@ pub async fn usage(State(state): State<AppState>, params: Params) -> Result<Resp
 
 /// `GET /v1/requests/{request_id}`: the admission, its checks, its settlements and its state.
 /// Answered from the live table, or from the ledger once the request has left it.
+#[utoipa::path(get, path = "/v1/requests/{request_id}", tag = "data plane", security(("bearer" = [])),
+    params(("request_id" = String, Path, description = "The gateway's request id")),
+    responses((status = 200, description = "The admission, its checks, its settlements and its state", body = serde_json::Value),
+        (status = 404, description = "No such request", body = crate::docs::ErrorBody), crate::docs::DataPlaneErrors))]
 pub async fn request(
     State(state): State<AppState>,
     PathParam(request_id): PathParam,
@@ -76,6 +87,11 @@ pub async fn request(
 }
 
 /// `GET /v1/quota?subject=&model=&at=`: what an admission of one request at `at` would see.
+#[utoipa::path(get, path = "/v1/quota", tag = "data plane", security(("bearer" = [])),
+    params(("subject" = String, Query, description = "The leaf subject"),
+        ("model" = Option<String>, Query, description = "The model (selects model-group policies)"),
+        ("at" = Option<String>, Query, description = "RFC 3339; default now")),
+    responses((status = 200, description = "Usage and remaining quota per pool", body = crate::docs::QuotaOut), crate::docs::DataPlaneErrors))]
 pub async fn quota(State(state): State<AppState>, params: Params) -> Result<Response, ApiError> {
     let params = params.only(&["subject", "model", "at"])?;
     let subject = subject_field("subject", params.required("subject")?)?;

@@ -25,6 +25,16 @@ pub const NEXT_CURSOR_HEADER: &str = "x-next-cursor";
 /// usage per local day (the zone `--report-timezone` names), chain subject and model, ordered
 /// by day, subject, model and paged by `cursor`. CSV with `Accept: text/csv` or `format=csv`.
 /// 503 with `Retry-After` while the projection is being built.
+#[utoipa::path(get, path = "/v1/reports/daily-usage", tag = "data plane", security(("bearer" = [])),
+    params(("from" = String, Query, description = "First day, YYYY-MM-DD"),
+        ("to" = String, Query, description = "Last day, YYYY-MM-DD"),
+        ("subject" = Option<String>, Query, description = "Only this subject"),
+        ("model" = Option<String>, Query, description = "Only this model"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("limit" = Option<u32>, Query, description = "Rows per page"),
+        ("format" = Option<String>, Query, description = "`json` or `csv` (else by `Accept`)")),
+    responses((status = 200, description = "Rows per subject × model × day: JSON, or CSV with `Accept: text/csv`",
+        content((serde_json::Value = "application/json"), (String = "text/csv"))), crate::docs::DataPlaneErrors))]
 pub async fn daily_usage(
     State(state): State<AppState>,
     headers: HeaderMap,

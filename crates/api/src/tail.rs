@@ -207,7 +207,7 @@ pub async fn follow_task(
             _ = crate::tasks::stopped(&mut stop) => return Ok(()),
             r = follow(&state, &mut resume) => {
                 if let Err(e) = r {
-                    state.metrics().tail_restarts.fetch_add(1, Ordering::Relaxed);
+                    state.metrics().tail_restarts.inc();
                     tracing::warn!(error = %e, resume_after = resume, "stream tail failed; resuming");
                 }
                 tokio::time::sleep(RETRY_BACKOFF).await;
@@ -256,7 +256,9 @@ async fn follow(state: &AppState, resume: &mut u64) -> Result<(), String> {
         let m = m.map_err(|e| e.to_string())?;
         // A test makes the tail panic here to show a dead task is noticed (no-op normally).
         fail::fail_point!("tail-apply");
-        if let Ok(env) = Envelope::decode(&m.payload) {
+        if !is_own(state, &m)
+            && let Ok(env) = Envelope::decode(&m.payload)
+        {
             state.quota().apply(&env);
             state.requests().apply(&env).await;
         }
@@ -272,6 +274,16 @@ async fn follow(state: &AppState, resume: &mut u64) -> Result<(), String> {
         }
     }
     Err("tail ended".into())
+}
+
+/// Whether `m` is an event this instance already applied itself (by its `Nats-Msg-Id`, the
+/// event id): then it is not decoded again.
+fn is_own(state: &AppState, m: &async_nats::jetstream::Message) -> bool {
+    m.headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Msg-Id"))
+        .and_then(|v| uuid::Uuid::parse_str(v.as_str()).ok())
+        .is_some_and(|id| state.take_own(&id))
 }
 
 /// How far behind the head a message was folded: 0 when nothing was pending after it.

@@ -183,6 +183,6 @@ async fn expire_reservations(state: &AppState) {
         }
         state.quota().apply(&env);
         state.requests().apply(&env).await;
-        state.metrics().expiries.fetch_add(1, Ordering::Relaxed);
+        state.metrics().expiries.inc();
     }
 }

@@ -338,6 +338,19 @@ pub enum Reason {
     UnknownSubject,
 }
 
+impl Reason {
+    /// The wire name, e.g. `limit_exceeded` (also a metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::LimitExceeded => "limit_exceeded",
+            Reason::SubjectDisabled => "subject_disabled",
+            Reason::CreditsExhausted => "credits_exhausted",
+            Reason::Unavailable => "unavailable",
+            Reason::UnknownSubject => "unknown_subject",
+        }
+    }
+}
+
 /// Outcome of one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -419,4 +432,22 @@ pub enum RefillInterval {
     Daily,
     /// Every month on `day`.
     Monthly,
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::Reason;
+
+    #[test]
+    fn reason_names_are_the_wire_names() {
+        for r in [
+            Reason::LimitExceeded,
+            Reason::SubjectDisabled,
+            Reason::CreditsExhausted,
+            Reason::Unavailable,
+            Reason::UnknownSubject,
+        ] {
+            assert_eq!(serde_json::to_value(r).ok(), Some(r.as_str().into()));
+        }
+    }
 }

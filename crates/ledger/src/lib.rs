@@ -8,9 +8,11 @@
 //! - [`writer`]: the ledger writer, a durable pull consumer that appends each batch to Postgres in
 //!   one transaction with its checkpoint and acks only after commit.
 //! - [`reader`]: every read of the ledger, decoded once; [`snapshots`]: the quota snapshot store.
+//! - [`metrics`]: the latency histogram layout every worker uses.
 //! - [`MIGRATOR`]: the schema, applied by `tally migrate` and at start-up.
 
 pub mod error;
+pub mod metrics;
 pub mod publish;
 pub mod reader;
 pub mod snapshots;

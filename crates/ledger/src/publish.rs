@@ -23,6 +23,7 @@ pub struct Publisher {
     js: jetstream::Context,
     settings: Arc<StreamSettings>,
     in_flight: Arc<Semaphore>,
+    publish_seconds: prometheus::Histogram,
 }
 
 impl Publisher {
@@ -32,7 +33,17 @@ impl Publisher {
             js,
             settings: Arc::new(settings),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PUBLISHES)),
+            publish_seconds: crate::metrics::seconds_histogram(
+                "tally_jetstream_publish_seconds",
+                "One event published to JetStream until its ack (acknowledged publishes), in seconds.",
+                &[],
+            ),
         }
+    }
+
+    /// Latency of every acknowledged single publish (for `/metrics`).
+    pub fn publish_seconds(&self) -> &prometheus::Histogram {
+        &self.publish_seconds
     }
 
     /// The stream settings.
@@ -68,6 +79,7 @@ impl Publisher {
             .acquire()
             .await
             .map_err(|e| Error::Publish(e.to_string()))?;
+        let started = std::time::Instant::now();
         let publish = Publish::build().message_id(msg_id).payload(payload);
         let ack = tokio::time::timeout(PUBLISH_ACK_TIMEOUT, async {
             let fut = self
@@ -79,6 +91,8 @@ impl Publisher {
         })
         .await
         .map_err(|_| Error::Publish(format!("no ack within {PUBLISH_ACK_TIMEOUT:?}")))??;
+        self.publish_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(ack.sequence)
     }
 }
@@ -113,6 +127,7 @@ impl Publisher {
             .acquire()
             .await
             .map_err(|e| Error::Publish(e.to_string()))?;
+        let started = std::time::Instant::now();
         let publish = Publish::build()
             .message_id(env.id.to_string())
             .expected_last_subject_sequence(expected)
@@ -130,6 +145,8 @@ impl Publisher {
         })
         .await
         .map_err(|_| Error::Publish(format!("no ack within {PUBLISH_ACK_TIMEOUT:?}")))??;
+        self.publish_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(ack.sequence)
     }
 

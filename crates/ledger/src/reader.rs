@@ -57,15 +57,37 @@ pub async fn page_after_pos(
     after: i64,
     limit: i64,
 ) -> Result<(Vec<(i64, Envelope)>, Option<i64>), Error> {
-    let rows: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT pos, payload::text FROM ledger WHERE pos > $1 ORDER BY pos LIMIT $2",
+    let (events, last, _) = page_after_pos_of(conn, after, limit, None).await?;
+    Ok((events, last))
+}
+
+/// [`page_after_pos`] keeping only events of `types` (None: all). The page still spans `limit`
+/// rows and the last `pos` is that of the last row read, whatever its type, so a caller's
+/// checkpoint moves past the rows it has no use for; their payloads are neither converted to
+/// text by Postgres nor sent nor decoded (the usage projections need one type in three). Also
+/// returns how many rows the page spans.
+pub async fn page_after_pos_of(
+    conn: &mut PgConnection,
+    after: i64,
+    limit: i64,
+    types: Option<&[&str]>,
+) -> Result<(Vec<(i64, Envelope)>, Option<i64>, usize), Error> {
+    let rows: Vec<(i64, Option<String>)> = sqlx::query_as(
+        "SELECT pos, CASE WHEN $3::text[] IS NULL OR event_type = ANY($3) THEN payload::text END \
+         FROM ledger WHERE pos > $1 ORDER BY pos LIMIT $2",
     )
     .bind(after)
     .bind(limit)
+    .bind(types)
     .fetch_all(&mut *conn)
     .await?;
     let last = rows.last().map(|(p, _)| *p);
-    Ok((decode_page(rows, "pos"), last))
+    let spanned = rows.len();
+    let wanted = rows
+        .into_iter()
+        .filter_map(|(p, text)| text.map(|t| (p, t)))
+        .collect();
+    Ok((decode_page(wanted, "pos"), last, spanned))
 }
 
 /// Up to `limit` rows with `after < stream_seq < before`, in stream order, as `(seq, event)`,

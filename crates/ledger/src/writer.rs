@@ -65,7 +65,7 @@ impl Default for WriterSettings {
 }
 
 /// Counters an operator graphs (exposed on `/metrics`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WriterStats {
     /// Ledger rows appended.
     pub rows_appended: AtomicU64,
@@ -79,6 +79,26 @@ pub struct WriterStats {
     pub checkpoint: AtomicU64,
     /// Contiguous watermark (every sequence at or below it is committed).
     pub contiguous: AtomicU64,
+    /// Time from the start of a batch's transaction to its commit.
+    pub batch_commit_seconds: prometheus::Histogram,
+}
+
+impl Default for WriterStats {
+    fn default() -> Self {
+        WriterStats {
+            rows_appended: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            rejects: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            checkpoint: AtomicU64::new(0),
+            contiguous: AtomicU64::new(0),
+            batch_commit_seconds: crate::metrics::seconds_histogram(
+                "tally_ledger_batch_commit_seconds",
+                "Ledger batch: insert, checkpoint and commit, in seconds.",
+                &[],
+            ),
+        }
+    }
 }
 
 /// The ledger writer.
@@ -289,6 +309,8 @@ impl LedgerWriter {
             .chain(rejects.iter().map(|r| r.seq))
             .max()
             .unwrap_or(0);
+        // Committed batches only (a timer guard would also record the failed ones on drop).
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         // Serialize writers' commits so `ledger.pos` order is commit order (see the migration).
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -310,6 +332,9 @@ impl LedgerWriter {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.stats
+            .batch_commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         let s = &self.stats;
         s.rows_appended.fetch_add(appended, Ordering::Relaxed);
         s.duplicates

@@ -69,6 +69,10 @@ impl Projection for DailyUsageProjection {
         SCHEMA
     }
 
+    fn event_types(&self) -> Option<&'static [&'static str]> {
+        Some(&["usage.settled"])
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a mut PgConnection,
@@ -223,12 +227,7 @@ pub async fn daily_report(pool: &PgPool, tz: Tz, q: &ReportQuery) -> Result<Dail
     .bind(q.limit + 1)
     .fetch_all(&mut *conn)
     .await
-    .map_err(|e| match &e {
-        sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => {
-            Error::Building("daily_usage")
-        }
-        _ => Error::Database(e),
-    })?;
+    .map_err(Error::reading("daily_usage"))?;
     Ok(page(tz, rows, q.limit))
 }
 

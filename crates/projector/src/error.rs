@@ -33,3 +33,17 @@ pub enum Error {
         message: String,
     },
 }
+
+impl Error {
+    /// `e` from reading projection `name`'s live tables: [`Error::Building`] when a table does
+    /// not exist (SQLSTATE 42P01: the projection was just attached and is being built), so the
+    /// reader answers 503 with Retry-After rather than an internal error.
+    pub fn reading(name: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+        move |e| match &e {
+            sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => {
+                Error::Building(name)
+            }
+            _ => Error::Database(e),
+        }
+    }
+}

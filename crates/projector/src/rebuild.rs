@@ -12,7 +12,7 @@ use std::time::Instant;
 use sqlx::{PgConnection, PgPool};
 
 use crate::Error;
-use crate::runner::{Projection, Projector, head, lock_checkpoint};
+use crate::runner::{Projection, Projector, ProjectorStats, head, lock_checkpoint};
 use crate::tables::{LIVE_SCHEMA, REBUILD_SCHEMA, RETIRED_SCHEMA, Tables};
 
 /// Most differing rows a verification keeps (all are counted).
@@ -83,6 +83,20 @@ pub async fn rebuild(
     pool: &PgPool,
     projection: Arc<dyn Projection>,
     goal: Goal,
+    progress: impl FnMut(&Progress) + Send,
+) -> Result<Outcome, Error> {
+    let batch_seconds = ProjectorStats::new(projection.name()).batch_seconds;
+    rebuild_observed(pool, projection, goal, batch_seconds, progress).await
+}
+
+/// [`rebuild`], every batch (the last ones, folded inside the swap, too) observed in
+/// `batch_seconds`: a live runner building its missing tables counts those batches as its own,
+/// so its histogram shows every batch that brought the live tables to the head.
+pub async fn rebuild_observed(
+    pool: &PgPool,
+    projection: Arc<dyn Projection>,
+    goal: Goal,
+    batch_seconds: prometheus::Histogram,
     mut progress: impl FnMut(&Progress) + Send,
 ) -> Result<Outcome, Error> {
     let name = projection.name();
@@ -96,7 +110,7 @@ pub async fn rebuild(
             "a rebuild of `{name}` is already running"
         )));
     }
-    let result = build_and_finish(pool, projection, goal, &mut progress).await;
+    let result = build_and_finish(pool, projection, goal, batch_seconds, &mut progress).await;
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(lock_key(name))
         .execute(&mut *guard)
@@ -108,11 +122,13 @@ async fn build_and_finish(
     pool: &PgPool,
     projection: Arc<dyn Projection>,
     goal: Goal,
+    batch_seconds: prometheus::Histogram,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Outcome, Error> {
     let started = Instant::now();
     create_tables(pool, projection.as_ref(), Tables::REBUILD).await?;
-    let runner = Projector::on(pool.clone(), projection.clone(), Tables::REBUILD);
+    let runner = Projector::on(pool.clone(), projection.clone(), Tables::REBUILD)
+        .observed_in(batch_seconds.clone());
     let mut p = Progress::default();
     loop {
         let n = runner.catch_up(None).await?;
@@ -136,8 +152,11 @@ async fn build_and_finish(
         Goal::Swap => None,
         Goal::Verify => Some(live_at),
     };
+    let mut step_started = Instant::now();
     while let Some((to, n)) = runner.step(&mut tx, upto).await? {
         // All in one transaction: if it fails the rebuild fails and this instance is dropped.
+        batch_seconds.observe(step_started.elapsed().as_secs_f64());
+        step_started = Instant::now();
         projection.committed(to);
         p.rows += n as u64;
     }
@@ -291,7 +310,12 @@ async fn compare(
 
 /// Make sure `fresh()`'s live tables exist at its version; if not, build them from the first
 /// ledger row and swap them in (a projection just added to a running deployment, or changed).
-pub async fn ensure_live(pool: &PgPool, fresh: &crate::runner::Fresh) -> Result<(), Error> {
+/// Its batches are observed in `batch_seconds`, the live runner's histogram.
+pub async fn ensure_live(
+    pool: &PgPool,
+    fresh: &crate::runner::Fresh,
+    batch_seconds: &prometheus::Histogram,
+) -> Result<(), Error> {
     let p = fresh();
     let version: Option<String> =
         sqlx::query_scalar("SELECT version FROM projection_checkpoints WHERE projection = $1")
@@ -319,9 +343,15 @@ pub async fn ensure_live(pool: &PgPool, fresh: &crate::runner::Fresh) -> Result<
     // Boxed as `dyn Send`: proves Send here, where every lifetime is concrete (rustc cannot
     // prove it through the spawned runner's generic future otherwise, rust-lang/rust#110338).
     let build: std::pin::Pin<Box<dyn Future<Output = Result<Outcome, Error>> + Send + '_>> =
-        Box::pin(rebuild(pool, p, Goal::Swap, |pr: &Progress| {
-            tracing::debug!(rows = pr.rows, at = pr.at, head = pr.head, "rebuilding");
-        }));
+        Box::pin(rebuild_observed(
+            pool,
+            p,
+            Goal::Swap,
+            batch_seconds.clone(),
+            |pr: &Progress| {
+                tracing::debug!(rows = pr.rows, at = pr.at, head = pr.head, "rebuilding");
+            },
+        ));
     let out = build.await?;
     tracing::info!(
         rows = out.rows,

@@ -95,6 +95,9 @@ mod tests {
             let p = (e.make)(&ctx);
             assert_eq!(p.name(), e.name);
             assert_eq!(p.order(), e.order);
+            for t in p.event_types().unwrap_or_default() {
+                assert!(tally_events::EventType::parse(t).is_some(), "{t} is a type");
+            }
             for t in p.tables() {
                 assert!(tables.insert(*t), "table {t} owned twice");
                 assert!(

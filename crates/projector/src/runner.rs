@@ -22,6 +22,10 @@ use crate::tables::Tables;
 /// Ledger rows folded per transaction: big enough to amortize the commit, small enough that a
 /// rebuild shows progress and holds no long transaction.
 pub const MAX_BATCH: i64 = 2000;
+/// Ledger rows folded per transaction of a rebuild: nobody reads its tables until the swap, so
+/// the batch is sized for throughput (fewer round trips and commits, pools written once per
+/// batch); a page of decoded events stays some tens of MiB.
+pub const REBUILD_BATCH: i64 = 10_000;
 /// How often an idle projector looks for new rows even without a notification (a lost NOTIFY,
 /// e.g. across a Postgres restart, delays a projection by at most this much).
 pub const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -61,6 +65,11 @@ pub trait Projection: Send + Sync + 'static {
     fn tables(&self) -> &'static [&'static str];
     /// DDL creating them, each name written `{schema}.<table>`.
     fn schema(&self) -> &'static str;
+    /// The event types its fold looks at (None: all). A [`Order::Pos`] runner reads only their
+    /// payloads; its checkpoint still moves past the other rows.
+    fn event_types(&self) -> Option<&'static [&'static str]> {
+        None
+    }
     /// Columns that record when a row was written rather than a fact (left out of comparisons).
     fn volatile_columns(&self) -> &'static [&'static str] {
         &[]
@@ -94,12 +103,29 @@ pub trait Projection: Send + Sync + 'static {
 }
 
 /// Counters for `/metrics` and `/readyz`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ProjectorStats {
     /// Checkpoint (`ledger.pos`, or `stream_seq` for stream-ordered projections).
     pub checkpoint: AtomicI64,
-    /// Events folded.
+    /// Ledger rows moved past (folded, or of types the projection ignores).
     pub events: AtomicU64,
+    /// Time of one committed batch (read, fold, write, commit), labelled with the projection.
+    pub batch_seconds: prometheus::Histogram,
+}
+
+impl ProjectorStats {
+    /// Counters of the projection `name`.
+    pub fn new(name: &str) -> Self {
+        ProjectorStats {
+            checkpoint: AtomicI64::new(0),
+            events: AtomicU64::new(0),
+            batch_seconds: tally_ledger::metrics::seconds_histogram(
+                "tally_projection_batch_seconds",
+                "Projection batch: read, fold, write and commit, in seconds.",
+                &[("projection", name)],
+            ),
+        }
+    }
 }
 
 /// Makes the instance that builds a projection's tables from the first ledger row.
@@ -111,6 +137,8 @@ pub struct Projector {
     projection: Arc<dyn Projection>,
     tables: Tables,
     stats: Arc<ProjectorStats>,
+    /// Rows per batch: [`MAX_BATCH`] live, [`REBUILD_BATCH`] for rebuild tables.
+    batch: i64,
 }
 
 impl Projector {
@@ -121,12 +149,28 @@ impl Projector {
 
     /// A runner for `projection` writing `tables`.
     pub fn on(pool: PgPool, projection: Arc<dyn Projection>, tables: Tables) -> Self {
+        let stats = Arc::new(ProjectorStats::new(projection.name()));
         Projector {
             pool,
             projection,
             tables,
-            stats: Arc::default(),
+            stats,
+            batch: if tables == Tables::LIVE {
+                MAX_BATCH
+            } else {
+                REBUILD_BATCH
+            },
         }
+    }
+
+    /// The same runner, its batches observed in `batch_seconds` (another runner's histogram).
+    pub fn observed_in(self, batch_seconds: prometheus::Histogram) -> Self {
+        let stats = Arc::new(ProjectorStats {
+            checkpoint: AtomicI64::new(0),
+            events: AtomicU64::new(0),
+            batch_seconds,
+        });
+        Projector { stats, ..self }
     }
 
     /// Shared counters.
@@ -142,7 +186,7 @@ impl Projector {
         loop {
             let ready = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                r = crate::rebuild::ensure_live(&self.pool, &fresh) => r,
+                r = crate::rebuild::ensure_live(&self.pool, &fresh, &self.stats.batch_seconds) => r,
             };
             match ready {
                 Ok(()) => break,
@@ -207,11 +251,23 @@ impl Projector {
     /// Fold the next batch after the checkpoint (not past `upto`) in one transaction. Returns
     /// how many rows the batch read (0 when caught up).
     pub async fn catch_up(&self, upto: Option<i64>) -> Result<usize, Error> {
+        let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
+        if self.tables != Tables::LIVE {
+            // A rebuild's batches need not wait for the WAL flush: each commits its rows with
+            // its checkpoint, so a crash loses the last few batches together (the rebuild goes
+            // on from the checkpoint that survived). The swap itself commits synchronously.
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
+        }
         let Some((to, n)) = self.step(&mut tx, upto).await? else {
             return Ok(0);
         };
         tx.commit().await?;
+        self.stats
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
         self.projection.committed(to);
         self.stats.checkpoint.store(to, Ordering::Relaxed);
         self.stats.events.fetch_add(n as u64, Ordering::Relaxed);
@@ -221,7 +277,8 @@ impl Projector {
 
     /// One batch inside the caller's transaction: lock the checkpoint, read the rows after it
     /// (not past `upto`), fold and write them, move the checkpoint. Returns the new checkpoint
-    /// and the rows folded, or None when there was nothing to read.
+    /// and the ledger rows it moved past (folded or of types the projection ignores), or None
+    /// when there was nothing to read.
     pub async fn step(
         &self,
         tx: &mut PgConnection,
@@ -229,11 +286,13 @@ impl Projector {
     ) -> Result<Option<(i64, usize)>, Error> {
         let key = self.tables.checkpoint_key(self.projection.name());
         let from = lock_checkpoint(tx, &key).await?;
-        let limit = upto.map_or(MAX_BATCH, |u| (u - from).clamp(0, MAX_BATCH));
+        let limit = upto.map_or(self.batch, |u| (u - from).clamp(0, self.batch));
         if limit == 0 {
             return Ok(None);
         }
-        let (events, last) = read_after(tx, self.projection.order(), from, limit).await?;
+        let types = self.projection.event_types();
+        let (events, last, spanned) =
+            read_after(tx, self.projection.order(), from, limit, types).await?;
         let Some(to) = last else {
             return Ok(None);
         };
@@ -247,7 +306,7 @@ impl Projector {
         .bind(to)
         .execute(&mut *tx)
         .await?;
-        Ok(Some((to, events.len())))
+        Ok(Some((to, spanned)))
     }
 }
 
@@ -268,20 +327,25 @@ pub async fn lock_checkpoint(tx: &mut PgConnection, key: &str) -> Result<i64, Er
     .await?)
 }
 
-/// Up to `limit` rows after `from` in `order`: `pos` order, or stream order up to the writer's
-/// contiguous watermark.
+/// Up to `limit` rows after `from` in `order`: `pos` order (only events of `types`), or stream
+/// order up to the writer's contiguous watermark (every type: stream-ordered folds need all).
 async fn read_after(
     tx: &mut PgConnection,
     order: Order,
     from: i64,
     limit: i64,
-) -> Result<(Vec<(i64, Envelope)>, Option<i64>), Error> {
+    types: Option<&[&str]>,
+) -> Result<(Vec<(i64, Envelope)>, Option<i64>, usize), Error> {
     Ok(match order {
-        Order::Pos => tally_ledger::reader::page_after_pos(tx, from, limit).await?,
+        Order::Pos => tally_ledger::reader::page_after_pos_of(tx, from, limit, types).await?,
         Order::StreamSeq => {
             let upto = tally_ledger::reader::contiguous_seq(&mut *tx).await?;
             let from = u64::try_from(from).unwrap_or(0);
-            tally_ledger::reader::page_by_seq(&mut *tx, from, upto.saturating_add(1), limit).await?
+            let (events, last) =
+                tally_ledger::reader::page_by_seq(&mut *tx, from, upto.saturating_add(1), limit)
+                    .await?;
+            let spanned = events.len();
+            (events, last, spanned)
         }
     })
 }
@@ -313,6 +377,23 @@ pub async fn head(conn: &mut PgConnection, order: Order) -> Result<i64, Error> {
 /// How far a projection trails the ledger: `pos` rows, or stream sequences up to the writer's
 /// watermark for stream-ordered projections. None while its live tables are being built.
 pub async fn lag_rows(pool: &PgPool, projection: &str, order: Order) -> Result<Option<i64>, Error> {
+    Ok(lag(pool, projection, order).await?.map(|l| l.rows))
+}
+
+/// How far a projection trails the ledger: rows, and the age of the oldest row it has not
+/// folded yet (0 when caught up). None while its live tables are being built.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Lag {
+    /// The projection's checkpoint.
+    pub checkpoint: i64,
+    /// Rows (or stream sequences) behind.
+    pub rows: i64,
+    /// Seconds since the oldest unfolded row was recorded.
+    pub seconds: f64,
+}
+
+/// [`lag_rows`] with the age of the oldest row not yet folded.
+pub async fn lag(pool: &PgPool, projection: &str, order: Order) -> Result<Option<Lag>, Error> {
     let mut conn = pool.acquire().await?;
     let cp: Option<i64> =
         sqlx::query_scalar("SELECT last_pos FROM projection_checkpoints WHERE projection = $1")
@@ -320,5 +401,29 @@ pub async fn lag_rows(pool: &PgPool, projection: &str, order: Order) -> Result<O
             .fetch_optional(&mut *conn)
             .await?;
     let Some(cp) = cp else { return Ok(None) };
-    Ok(Some((head(&mut conn, order).await? - cp).max(0)))
+    let head = head(&mut conn, order).await?;
+    let rows = (head - cp).max(0);
+    if rows == 0 {
+        return Ok(Some(Lag {
+            checkpoint: cp,
+            rows,
+            seconds: 0.0,
+        }));
+    }
+    let column = match order {
+        Order::Pos => "pos",
+        Order::StreamSeq => "stream_seq",
+    };
+    let seconds: Option<f64> = sqlx::query_scalar(&format!(
+        "SELECT extract(epoch FROM clock_timestamp() - recorded_at)::float8 FROM ledger \
+         WHERE {column} > $1 ORDER BY {column} LIMIT 1"
+    ))
+    .bind(cp)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(Some(Lag {
+        checkpoint: cp,
+        rows,
+        seconds: seconds.unwrap_or(0.0).max(0.0),
+    }))
 }

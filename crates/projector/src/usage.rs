@@ -72,6 +72,10 @@ impl Projection for UsageProjection {
         include_str!("usage.sql")
     }
 
+    fn event_types(&self) -> Option<&'static [&'static str]> {
+        Some(&["usage.settled"])
+    }
+
     fn apply<'a>(
         &'a self,
         tx: &'a mut PgConnection,
@@ -313,7 +317,8 @@ pub async fn usage_series(
         .bind(to)
         .bind(model)
         .fetch_all(pool)
-        .await?;
+        .await
+        .map_err(Error::reading("usage"))?;
     let found: BTreeMap<_, _> = rows
         .into_iter()
         .map(

@@ -17,13 +17,17 @@ use crate::body::{JsonBody, PathParam};
 use crate::error::ApiError;
 
 /// `POST /v1/credits/{subject}` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreditsIn {
     id: Option<String>,
+    /// `set`, `increment`, `decrement` or `clear`.
+    #[schema(value_type = String, pattern = "^(set|increment|decrement|clear)$")]
     op: CreditOp,
     amount: Option<i64>,
     #[serde(default, deserialize_with = "double_option")]
+    /// The refill schedule; absent keeps it, `null` removes it.
+    #[schema(value_type = Option<Object>)]
     refill: Option<Option<Refill>>,
     at: Option<DateTime<Utc>>,
 }
@@ -35,6 +39,9 @@ fn answer_body(a: &CreditAnswer) -> Response {
 
 /// `POST /v1/credits/{subject}`: `refill` absent keeps the schedule, `null` removes it; the same
 /// `id` again returns the first answer and changes nothing.
+#[utoipa::path(post, path = "/v1/credits/{subject}", tag = "admin", request_body = CreditsIn,
+    security(("bearer" = [])), params(("subject" = String, Path, description = "A chain subject")),
+    responses((status = 200, description = "The balance after the change", body = crate::docs::CreditsOut), crate::docs::AdminErrors))]
 pub async fn post_credits(
     State(state): State<AppState>,
     PathParam(subject): PathParam,

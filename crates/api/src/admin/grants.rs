@@ -16,12 +16,14 @@ use crate::body::{JsonBody, PathParam};
 use crate::error::ApiError;
 
 /// `POST /v1/grants` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GrantIn {
     id: Option<String>,
     subject: String,
     model_group: Option<String>,
+    /// `requests`, `input_tokens`, `output_tokens`, `tokens`, `cost` or `credits`.
+    #[schema(value_type = String)]
     metric: Metric,
     amount: i64,
     window_kind: Option<String>,
@@ -30,6 +32,9 @@ pub struct GrantIn {
 }
 
 /// `POST /v1/grants`: a temporary raise of matching limits, active on `[starts_at, expires_at)`.
+#[utoipa::path(post, path = "/v1/grants", tag = "admin", request_body = GrantIn,
+    security(("bearer" = [])),
+    responses((status = 201, description = "The grant", body = serde_json::Value), crate::docs::AdminErrors))]
 pub async fn post_grant(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<GrantIn>,
@@ -78,6 +83,9 @@ pub async fn post_grant(
 }
 
 /// `DELETE /v1/grants/{id}`.
+#[utoipa::path(delete, path = "/v1/grants/{id}", tag = "admin",
+    security(("bearer" = [])), params(("id" = String, Path, description = "The grant's id")),
+    responses((status = 204, description = "Revoked"), crate::docs::AdminErrors))]
 pub async fn delete_grant(
     State(state): State<AppState>,
     PathParam(id): PathParam,

@@ -4,12 +4,12 @@
 //! (awaiting the ack) and applied to this instance's quota state before the answer, so the next
 //! admission here sees it at once and other instances within their tail lag.
 
-mod credits;
-mod grants;
-mod model_groups;
-mod policies;
-mod pools;
-mod subjects;
+pub(crate) mod credits;
+pub(crate) mod grants;
+pub(crate) mod model_groups;
+pub(crate) mod policies;
+pub(crate) mod pools;
+pub(crate) mod subjects;
 
 use std::sync::atomic::Ordering;
 
@@ -19,12 +19,12 @@ use tally_events::{Envelope, Subject};
 use crate::AppState;
 use crate::error::ApiError;
 
-pub use credits::{CreditsIn, post_credits};
-pub use grants::{GrantIn, delete_grant, post_grant};
-pub use model_groups::{ModelGroupIn, delete_model_group, put_model_group};
-pub use policies::{PolicyIn, ResetIn, delete_policy, list_policies, put_policy, reset_policy};
-pub use pools::{MAX_POOLS_PER_CALL, pool_usage};
-pub use subjects::{SubjectIn, delete_subject, get_subject, put_subject};
+pub use credits::CreditsIn;
+pub use grants::GrantIn;
+pub use model_groups::ModelGroupIn;
+pub use policies::{PolicyIn, ResetIn};
+pub use pools::MAX_POOLS_PER_CALL;
+pub use subjects::SubjectIn;
 
 /// Distinguish an absent field (keep) from an explicit `null` (clear): the trap Bifrost's
 /// reviewers found in "clear" semantics (SPEC v2 §6 "Absent vs null").

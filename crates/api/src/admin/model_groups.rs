@@ -15,13 +15,16 @@ use crate::body::{JsonBody, PathParam};
 use crate::error::ApiError;
 
 /// `PUT /v1/model-groups/{name}` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelGroupIn {
     models: Vec<String>,
 }
 
 /// `PUT /v1/model-groups/{name}`: 409 if a model already belongs to another group.
+#[utoipa::path(put, path = "/v1/model-groups/{name}", tag = "admin", request_body = ModelGroupIn,
+    security(("bearer" = [])), params(("name" = String, Path, description = "The group's name")),
+    responses((status = 200, description = "The group", body = crate::docs::ModelGroupOut), crate::docs::AdminErrors))]
 pub async fn put_model_group(
     State(state): State<AppState>,
     PathParam(name): PathParam,
@@ -48,6 +51,9 @@ pub async fn put_model_group(
 }
 
 /// `DELETE /v1/model-groups/{name}`: refused with 409 while a policy or grant names the group.
+#[utoipa::path(delete, path = "/v1/model-groups/{name}", tag = "admin",
+    security(("bearer" = [])), params(("name" = String, Path, description = "The group's name")),
+    responses((status = 204, description = "Deleted"), crate::docs::AdminErrors))]
 pub async fn delete_model_group(
     State(state): State<AppState>,
     PathParam(name): PathParam,

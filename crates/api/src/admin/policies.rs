@@ -18,15 +18,23 @@ use crate::body::{JsonBody, Params, PathParam};
 use crate::error::ApiError;
 
 /// `PUT /v1/policies/{id}` body: the whole policy (absent optional fields take their defaults).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyIn {
     subject: String,
     model_group: Option<String>,
+    /// `requests`, `input_tokens`, `output_tokens`, `tokens`, `cost` or `credits`.
+    #[schema(value_type = String)]
     metric: Metric,
     limit: Option<i64>,
+    /// `{"kind": "rolling"|"calendar"|"periodic"|"lifetime", …}` (SPEC §3).
+    #[schema(value_type = Object)]
     window: Window,
+    /// `strict` or `graceful`.
+    #[schema(value_type = Option<String>)]
     boundary: Option<Boundary>,
+    /// `reject`, `disable` or `alert`.
+    #[schema(value_type = Option<String>)]
     on_exhausted: Option<OnExhausted>,
     enabled: Option<bool>,
 }
@@ -53,6 +61,9 @@ fn fix_anchor(window: Window, stored: Option<&Window>) -> Window {
 }
 
 /// `PUT /v1/policies/{id}`: a policy without a positive integer limit is a 400, never a bypass.
+#[utoipa::path(put, path = "/v1/policies/{id}", tag = "admin", request_body = PolicyIn,
+    security(("bearer" = [])), params(("id" = String, Path, description = "The policy's id")),
+    responses((status = 200, description = "The policy as stored", body = serde_json::Value), crate::docs::AdminErrors))]
 pub async fn put_policy(
     State(state): State<AppState>,
     PathParam(id): PathParam,
@@ -136,6 +147,9 @@ fn policy_body(state: &AppState, id: &str) -> serde_json::Value {
 }
 
 /// `GET /v1/policies?subject=`.
+#[utoipa::path(get, path = "/v1/policies", tag = "admin",
+    security(("bearer" = [])), params(("subject" = Option<String>, Query, description = "Only this subject's")),
+    responses((status = 200, description = "Policies", body = crate::docs::PolicyListOut), crate::docs::AdminErrors))]
 pub async fn list_policies(
     State(state): State<AppState>,
     params: Params,
@@ -158,6 +172,9 @@ pub async fn list_policies(
 }
 
 /// `DELETE /v1/policies/{id}`.
+#[utoipa::path(delete, path = "/v1/policies/{id}", tag = "admin",
+    security(("bearer" = [])), params(("id" = String, Path, description = "The policy's id")),
+    responses((status = 204, description = "Deleted"), crate::docs::AdminErrors))]
 pub async fn delete_policy(
     State(state): State<AppState>,
     PathParam(id): PathParam,
@@ -173,7 +190,7 @@ pub async fn delete_policy(
 }
 
 /// `POST /v1/policies/{id}/reset` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResetIn {
     subject: String,
@@ -182,6 +199,9 @@ pub struct ResetIn {
 
 /// `POST /v1/policies/{id}/reset`: usage recorded before the reset no longer counts in the
 /// pool's window containing `at`; it lifts that policy's disable (never an operator's).
+#[utoipa::path(post, path = "/v1/policies/{id}/reset", tag = "admin", request_body = ResetIn,
+    security(("bearer" = [])), params(("id" = String, Path, description = "The policy's id")),
+    responses((status = 200, description = "The window restarts now", body = crate::docs::ResetOut), crate::docs::AdminErrors))]
 pub async fn reset_policy(
     State(state): State<AppState>,
     PathParam(id): PathParam,

@@ -16,7 +16,7 @@ use crate::error::ApiError;
 pub const MAX_POOLS_PER_CALL: usize = 500;
 
 /// One pool in one window.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PoolIn {
     /// Policy id.
@@ -28,7 +28,7 @@ pub struct PoolIn {
 }
 
 /// The request body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PoolUsageIn {
     /// The pools asked about.
@@ -38,6 +38,9 @@ pub struct PoolUsageIn {
 /// `POST /v1/admin/pool-usage` `{"pools":[{"policy_id","subject","window_start"}]}` →
 /// `{"instance_stream_seq", "pools":[{..., "used": n|null}]}` (null: the policy is gone or its
 /// window no longer starts there).
+#[utoipa::path(post, path = "/v1/admin/pool-usage", tag = "admin", request_body = PoolUsageIn,
+    security(("bearer" = [])),
+    responses((status = 200, description = "This instance's live view of each pool", body = crate::docs::PoolUsageOut), crate::docs::AdminErrors))]
 pub async fn pool_usage(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<PoolUsageIn>,

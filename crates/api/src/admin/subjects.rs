@@ -16,14 +16,17 @@ use crate::body::{JsonBody, PathParam};
 use crate::error::ApiError;
 
 /// `PUT /v1/subjects/{subject}` body: absent keeps the stored value, `null` clears it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubjectIn {
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>)]
     parent: Option<Option<String>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<Vec<String>>)]
     groups: Option<Option<Vec<String>>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<bool>)]
     disabled: Option<Option<bool>>,
 }
 
@@ -35,6 +38,9 @@ fn chain_subject(text: &str) -> Result<Subject, ApiError> {
 
 /// `PUT /v1/subjects/{subject}`: upsert. A parent that would make a cycle or a chain deeper than
 /// 16 is a 409 naming `parent` (SPEC v2 §4); a `group:` parent is a 400.
+#[utoipa::path(put, path = "/v1/subjects/{subject}", tag = "admin", request_body = SubjectIn,
+    security(("bearer" = [])), params(("subject" = String, Path, description = "e.g. `key:k1`, `user:alice`")),
+    responses((status = 200, description = "The subject as configured", body = crate::docs::SubjectOut), crate::docs::AdminErrors))]
 pub async fn put_subject(
     State(state): State<AppState>,
     PathParam(subject): PathParam,
@@ -93,6 +99,9 @@ fn subject_body(state: &AppState, subject: &Subject) -> serde_json::Value {
 }
 
 /// `GET /v1/subjects/{subject}`.
+#[utoipa::path(get, path = "/v1/subjects/{subject}", tag = "admin",
+    security(("bearer" = [])), params(("subject" = String, Path, description = "e.g. `key:k1`")),
+    responses((status = 200, description = "The subject as configured", body = crate::docs::SubjectOut), crate::docs::AdminErrors))]
 pub async fn get_subject(
     State(state): State<AppState>,
     PathParam(subject): PathParam,
@@ -110,6 +119,9 @@ pub async fn get_subject(
 /// `DELETE /v1/subjects/{subject}`: retire a subject with its policies, grants and credit
 /// balance (one event; its usage stays in the ledger). Refused with 409 while another subject
 /// names it as parent.
+#[utoipa::path(delete, path = "/v1/subjects/{subject}", tag = "admin",
+    security(("bearer" = [])), params(("subject" = String, Path, description = "e.g. `key:k1`")),
+    responses((status = 204, description = "Deleted"), crate::docs::AdminErrors))]
 pub async fn delete_subject(
     State(state): State<AppState>,
     PathParam(subject): PathParam,
@@ -140,4 +152,64 @@ pub async fn delete_subject(
     );
     state.write_config(&admin, env).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Most subjects one `GET /v1/subjects` page returns (and its default): bounds the answer.
+pub const MAX_SUBJECTS_PER_PAGE: usize = 1000;
+
+/// `GET /v1/subjects?after=&limit=`: configured subjects in name order, a page at a time
+/// (`next_after` names the next page's `after`; null on the last page). For the dashboard's tree.
+#[utoipa::path(get, path = "/v1/subjects", tag = "admin", security(("bearer" = [])),
+    params(("after" = Option<String>, Query, description = "Start after this subject (`next_after` of the previous page)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Subjects per page (default and at most 1000)")),
+    responses((status = 200, description = "A page of subjects", body = crate::docs::SubjectListOut),
+        crate::docs::AdminErrors))]
+pub async fn list_subjects(
+    State(state): State<AppState>,
+    params: crate::body::Params,
+) -> Result<Response, ApiError> {
+    let params = params.only(&["after", "limit"])?;
+    let limit = match params.get("limit") {
+        None => MAX_SUBJECTS_PER_PAGE,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_SUBJECTS_PER_PAGE).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid("limit", format!("must be 1..={MAX_SUBJECTS_PER_PAGE}"))
+            })?,
+    };
+    let after = params.get("after").unwrap_or("");
+    // Under the quota lock (admissions wait): one pass keeping the `limit + 1` smallest names
+    // in a bounded heap, copies made only of those, no sort of every subject.
+    let mut page = {
+        let q = state.quota();
+        let mut heap = std::collections::BinaryHeap::with_capacity(limit + 1);
+        for (s, _) in q.config.subjects() {
+            if s.as_str() <= after {
+                continue;
+            }
+            if heap.len() <= limit {
+                heap.push(s);
+            } else if heap.peek().is_some_and(|top| s < *top) {
+                heap.pop();
+                heap.push(s);
+            }
+        }
+        heap.into_sorted_vec()
+            .into_iter()
+            .filter_map(|s| Some((s, q.config.subject(s)?)))
+            .map(|(s, c)| json!({"subject": s, "parent": c.parent, "disabled": c.disabled}))
+            .collect::<Vec<_>>()
+    };
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let next_after = more
+        .then(|| {
+            page.last()
+                .and_then(|v| v["subject"].as_str().map(str::to_owned))
+        })
+        .flatten();
+    let subjects = page;
+    Ok(Json(json!({"subjects": subjects, "next_after": next_after})).into_response())
 }
