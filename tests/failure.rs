@@ -482,3 +482,51 @@ async fn spooled_events_survive_an_api_restart() {
     env.cleanup().await;
     let _ = std::fs::remove_dir_all(&spool_dir);
 }
+
+/// A ledger writer that starts while NATS is down (a restart at the wrong moment) neither dies
+/// nor gives up: it retries subscribing with backoff and, once NATS is back, writes everything
+/// that was published before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_started_while_nats_is_down_waits_and_then_writes() {
+    let dir = std::env::temp_dir().join(format!("tally-nats-{}", uuid::Uuid::new_v4().simple()));
+    let port = free_port();
+    let mut nats = nats_server(port, &dir);
+    let env = TestEnv::new_with_nats(&format!("nats://127.0.0.1:{port}"), &[]).await;
+    let stack = Stack::start_with(&env, false).await;
+    for i in 0..20 {
+        let (st, d) = admit(&stack, &format!("early-{i}")).await;
+        assert_eq!((st, d["admitted"].as_bool()), (200, Some(true)), "{d}");
+    }
+    nats.kill().unwrap();
+    nats.wait().unwrap();
+    let shutdown = tally::stack::Shutdown::default();
+    let (stats, writer) = tally::stack::spawn_ledger(&env.conns, &shutdown);
+    // Past JetStream's request timeout (5 s): the writer's first attempts have failed.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        !writer.is_finished(),
+        "the writer outlives NATS being down at its start: {:?}",
+        writer.await
+    );
+    assert_eq!(env.ledger_count().await, 0);
+    let mut nats = nats_server(port, &dir);
+    env.eventually("the writer writes what was published before", || async {
+        env.ledger_count().await == 20
+    })
+    .await;
+    println!(
+        "ledger rows after NATS returned: {}, batches {}",
+        env.ledger_count().await,
+        stats.batches.load(Ordering::Relaxed)
+    );
+    shutdown.trigger();
+    let ended = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("shutdown reaches the writer");
+    assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+    stack.stop().await;
+    env.cleanup().await;
+    nats.kill().unwrap();
+    let _ = nats.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

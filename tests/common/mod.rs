@@ -89,6 +89,7 @@ impl TestEnv {
 
     /// A private stream on `nats` and a private database on the Postgres server of `server`.
     pub async fn new_on(nats: &str, server: &str, extra: &[&str]) -> TestEnv {
+        init_logs();
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let stream = format!("T_{id}");
         let db_name = format!("tally_t_{id}");
@@ -337,4 +338,19 @@ impl Stack {
             let _ = h.await;
         }
     }
+}
+
+/// The in-process stack's warnings and errors in the test's captured output (shown when a test
+/// fails), so a failure on CI says what the services saw. `TALLY_TEST_LOG` overrides the filter.
+fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("TALLY_TEST_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .with_ansi(false)
+            .try_init();
+    });
 }

@@ -372,6 +372,7 @@ pub(crate) struct WorkerFamilies {
     ledger_duplicates: IntCounter,
     ledger_rejects: IntCounter,
     ledger_batches: IntCounter,
+    ledger_resubscribes: IntCounter,
     ledger_checkpoint: IntGauge,
 }
 
@@ -405,6 +406,11 @@ impl WorkerFamilies {
                 "tally_ledger_batches_total",
                 &format!("Ledger batches committed {w}."),
             ),
+            ledger_resubscribes: counter(
+                r,
+                "tally_ledger_resubscribes_total",
+                &format!("Pull subscriptions replaced after falling silent {w}."),
+            ),
             ledger_checkpoint: int_gauge(
                 r,
                 "tally_ledger_checkpoint",
@@ -431,6 +437,10 @@ impl WorkerFamilies {
         );
         sync_counter(&self.ledger_rejects, l.rejects.load(Ordering::Relaxed));
         sync_counter(&self.ledger_batches, l.batches.load(Ordering::Relaxed));
+        sync_counter(
+            &self.ledger_resubscribes,
+            l.resubscribes.load(Ordering::Relaxed),
+        );
         self.ledger_checkpoint
             .set(i64::try_from(l.checkpoint.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
     }

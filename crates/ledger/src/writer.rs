@@ -37,6 +37,10 @@ pub const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How often an idle writer re-checks the stream against its checkpoint.
 pub const ALARM_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// A pull subscription silent this long while the consumer has messages waiting is replaced:
+/// past the heartbeat (a live subscription hears from the server within it) and past the ack
+/// wait (messages delivered into a dead connection come back after it).
+pub const STALLED_AFTER: Duration = Duration::from_secs(15);
 /// Postgres channel notified after each committed batch, so projectors wake at once.
 pub const LEDGER_NOTIFY_CHANNEL: &str = "tally_ledger";
 
@@ -79,6 +83,8 @@ pub struct WriterStats {
     pub checkpoint: AtomicU64,
     /// Contiguous watermark (every sequence at or below it is committed).
     pub contiguous: AtomicU64,
+    /// Pull subscriptions replaced because they fell silent while messages waited.
+    pub resubscribes: AtomicU64,
     /// Time from the start of a batch's transaction to its commit.
     pub batch_commit_seconds: prometheus::Histogram,
 }
@@ -92,6 +98,7 @@ impl Default for WriterStats {
             batches: AtomicU64::new(0),
             checkpoint: AtomicU64::new(0),
             contiguous: AtomicU64::new(0),
+            resubscribes: AtomicU64::new(0),
             batch_commit_seconds: crate::metrics::seconds_histogram(
                 "tally_ledger_batch_commit_seconds",
                 "Ledger batch: insert, checkpoint and commit, in seconds.",
@@ -109,6 +116,16 @@ pub struct LedgerWriter {
     settings: WriterSettings,
     dead_letters: Publisher,
     stats: Arc<WriterStats>,
+}
+
+/// The writer's live pull subscription and what it knows about the stream.
+struct Subscription {
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    messages: pull::Stream,
+    /// Highest stream sequence below which everything is in the ledger.
+    mark: Watermark,
+    /// When the subscription last delivered a message (or was made).
+    last_message: tokio::time::Instant,
 }
 
 struct Row {
@@ -155,56 +172,124 @@ impl LedgerWriter {
     }
 
     /// Consume until `shutdown` resolves or an unrecoverable error (the stream-behind alarm).
+    /// Everything else (NATS or Postgres away at start or later, a pull subscription that went
+    /// silent after a server restart) is retried with backoff and logged.
     #[tracing::instrument(skip_all, fields(stream = %self.stream.name, consumer = %self.settings.consumer))]
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
-        let mut consumer = self.consumer().await?;
-        let mut messages = self.messages(&consumer).await?;
-        self.check_alarm().await?;
-        let stored = load_contiguous(&self.pool, &self.settings.consumer).await?;
-        let mut mark = Watermark::at(stored);
-        mark.raise_to(ack_floor(&mut consumer).await?);
         tokio::pin!(shutdown);
-        let mut last_alarm_check = tokio::time::Instant::now();
+        let Some(mut sub) = self.subscribe_retrying(&mut shutdown).await? else {
+            return Ok(());
+        };
+        let mut last_check = tokio::time::Instant::now();
         loop {
             let batch = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                b = self.next_batch(&mut messages) => b,
+                b = self.next_batch(&mut sub.messages) => b,
             };
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "consuming failed; re-subscribing");
-                    tokio::time::sleep(RETRY_BACKOFF_MIN).await;
-                    if let Ok(m) = self.messages(&consumer).await {
-                        messages = m;
+                    match self.subscribe_retrying(&mut shutdown).await? {
+                        Some(fresh) => sub = fresh,
+                        None => return Ok(()),
                     }
                     continue;
                 }
             };
-            if last_alarm_check.elapsed() > ALARM_CHECK_EVERY {
-                match self.check_alarm().await {
-                    Err(e @ Error::StreamBehindCheckpoint { .. }) => return Err(e),
-                    // Postgres or NATS briefly away: the check runs again next time; the batch
-                    // below waits for Postgres in its own retry loop.
-                    Err(e) => tracing::warn!(error = %e, "stream/checkpoint check failed"),
-                    Ok(()) => {}
+            if !batch.is_empty() {
+                sub.last_message = tokio::time::Instant::now();
+            }
+            if last_check.elapsed() > ALARM_CHECK_EVERY {
+                if self.periodic_check(&mut sub).await? {
+                    match self.subscribe_retrying(&mut shutdown).await? {
+                        Some(fresh) => sub = fresh,
+                        None => return Ok(()),
+                    }
                 }
-                if let Ok(floor) = ack_floor(&mut consumer).await {
-                    mark.raise_to(floor);
-                }
-                last_alarm_check = tokio::time::Instant::now();
+                last_check = tokio::time::Instant::now();
             }
             if batch.is_empty() {
                 continue;
             }
             for m in &batch {
                 if let Ok(info) = m.info() {
-                    mark.note(info.stream_sequence);
+                    sub.mark.note(info.stream_sequence);
                 }
             }
-            self.commit_with_retry(&batch, mark.get()).await;
+            self.commit_with_retry(&batch, sub.mark.get()).await;
             ack_all(&batch).await;
         }
+    }
+
+    /// The consumer, its pull subscription and the contiguous watermark, retried with backoff
+    /// until they are there (None: `shutdown` came first). Only the stream-behind alarm is fatal.
+    async fn subscribe_retrying(
+        &self,
+        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Result<Option<Subscription>, Error> {
+        let mut backoff = RETRY_BACKOFF_MIN;
+        loop {
+            match self.subscribe().await {
+                Ok(sub) => return Ok(Some(sub)),
+                Err(e @ Error::StreamBehindCheckpoint { .. }) => return Err(e),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "subscribing to the stream failed; retrying"
+                ),
+            }
+            tokio::select! {
+                _ = shutdown.as_mut() => return Ok(None),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+        }
+    }
+
+    async fn subscribe(&self) -> Result<Subscription, Error> {
+        let mut consumer = self.consumer().await?;
+        let messages = self.messages(&consumer).await?;
+        self.check_alarm().await?;
+        let stored = load_contiguous(&self.pool, &self.settings.consumer).await?;
+        let mut mark = Watermark::at(stored);
+        mark.raise_to(ack_floor(&mut consumer).await?.ack_floor.stream_sequence);
+        Ok(Subscription {
+            consumer,
+            messages,
+            mark,
+            last_message: tokio::time::Instant::now(),
+        })
+    }
+
+    /// The stream-behind alarm, the ack floor, and the stall watchdog: true when the pull
+    /// subscription has delivered nothing for [`STALLED_AFTER`] while the consumer has messages
+    /// waiting (a server restart can leave a pull subscription silent for good), so the caller
+    /// subscribes afresh.
+    async fn periodic_check(&self, sub: &mut Subscription) -> Result<bool, Error> {
+        match self.check_alarm().await {
+            Err(e @ Error::StreamBehindCheckpoint { .. }) => return Err(e),
+            // Postgres or NATS briefly away: the check runs again next time; a batch waits for
+            // Postgres in its own retry loop.
+            Err(e) => tracing::warn!(error = %e, "stream/checkpoint check failed"),
+            Ok(()) => {}
+        }
+        let Ok(info) = ack_floor(&mut sub.consumer).await else {
+            return Ok(false);
+        };
+        sub.mark.raise_to(info.ack_floor.stream_sequence);
+        let waiting = info.num_pending + info.num_ack_pending as u64;
+        let stalled = waiting > 0 && sub.last_message.elapsed() > STALLED_AFTER;
+        if stalled {
+            self.stats.resubscribes.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                pending = info.num_pending,
+                ack_pending = info.num_ack_pending,
+                silent_ms = sub.last_message.elapsed().as_millis() as u64,
+                "the pull subscription delivers nothing while messages wait; re-subscribing"
+            );
+        }
+        Ok(stalled)
     }
 
     async fn consumer(&self) -> Result<jetstream::consumer::Consumer<pull::Config>, Error> {
@@ -485,15 +570,15 @@ pub async fn load_contiguous(pool: &PgPool, consumer: &str) -> Result<u64, Error
     Ok(seq.unwrap_or(0).max(0) as u64)
 }
 
-/// JetStream's ack floor of the writer's durable consumer.
+/// The writer's durable consumer as JetStream sees it (ack floor, pending messages).
 async fn ack_floor(
     consumer: &mut jetstream::consumer::Consumer<pull::Config>,
-) -> Result<u64, Error> {
-    let info = consumer
+) -> Result<jetstream::consumer::Info, Error> {
+    consumer
         .info()
         .await
-        .map_err(|e| Error::JetStream(e.to_string()))?;
-    Ok(info.ack_floor.stream_sequence)
+        .cloned()
+        .map_err(|e| Error::JetStream(e.to_string()))
 }
 
 async fn save_checkpoint(
