@@ -150,7 +150,9 @@ pub struct CommonArgs {
     /// snapshots; every start then rebuilds from the first ledger row) …
     #[arg(long, env = "TALLY_SNAPSHOT_EVERY", default_value_t = 100_000)]
     pub snapshot_every: u64,
-    /// … or after this long, whichever comes first.
+    /// … or after this long, whichever comes first. Also when traffic stops: once the ledger
+    /// has been quiet for 2 s with events not in any snapshot (at most every 10 s), so an
+    /// instance started after a burst folds nothing after its snapshot.
     #[arg(long, env = "TALLY_SNAPSHOT_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     pub snapshot_interval: Duration,
     /// Projections this process runs (`tally up`, `tally project`), comma-separated names from

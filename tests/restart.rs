@@ -449,3 +449,58 @@ async fn a_snapshot_writer_killed_half_way_leaves_nothing_behind() {
     live.stop().await;
     env.cleanup().await;
 }
+
+/// When traffic stops, the quota projection snapshots the head (once `QUIET_AFTER` has passed,
+/// at most every `QUIET_SNAPSHOT_MIN_GAP`), although neither the event count nor the interval
+/// of the regular schedule was reached: an instance started after the burst folds nothing after
+/// its snapshot. A quiet period with nothing new writes no further snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_ledger_gets_a_snapshot_of_its_head() {
+    let env = TestEnv::new(&["--snapshot-every", "1000000", "--snapshot-interval", "1h"]).await;
+    let live = Stack::start(&env).await;
+    let stats = history::write(&live_publisher(&env), &spec(5_000, 500), |_| {})
+        .await
+        .unwrap();
+    settle_all(&env, &live).await;
+    let last = stream_last_seq(&env).await as i64;
+    let waited = Instant::now();
+    env.eventually(
+        "a snapshot of the head once the ledger is quiet",
+        || async {
+            snapshots(&env)
+                .await
+                .first()
+                .is_some_and(|(_, seq)| *seq == last)
+        },
+    )
+    .await;
+    println!(
+        "{} events; snapshot at the head ({last}) {:?} after the ledger was absorbed",
+        stats.events,
+        waited.elapsed()
+    );
+    // Quiet again, nothing new: no further snapshot.
+    let min_gap = tally_projector::quota::QUIET_SNAPSHOT_MIN_GAP;
+    tokio::time::sleep(min_gap + tally_projector::runner::QUIET_AFTER * 2).await;
+    assert_eq!(
+        snapshots(&env).await.len(),
+        1,
+        "one snapshot per quiet period"
+    );
+    let subjects: Vec<String> = (0..500).map(|k| format!("key:k{k}")).collect();
+    let at = fixed_at();
+    let before = quotas(&live, &subjects, &at).await;
+    live.stop().await;
+    let (stack, ready) = start_and_watch(&env).await;
+    let startup = &ready["checks"]["startup"];
+    println!("restart after the quiet snapshot: {startup}");
+    assert_eq!(startup["snapshot"]["stream_seq"], last, "{startup}");
+    assert_eq!(startup["rows_folded"], 0, "{startup}");
+    assert_same(
+        &quotas(&stack, &subjects, &at).await,
+        &before,
+        "after the restart",
+    );
+    stack.stop().await;
+    env.cleanup().await;
+}

@@ -24,6 +24,13 @@ const SAMPLE_HOT: usize = 200;
 const SAMPLE_SPREAD: usize = 200;
 /// Longest the fresh instance may take to decide its first admission before the bench gives up.
 const READY_TIMEOUT: Duration = Duration::from_secs(1800);
+/// How long after the history is absorbed the bench waits for the snapshot of the head that
+/// the quota projection writes once traffic is quiet.
+const QUIET_WAIT: Duration = Duration::from_secs(
+    tally_projector::runner::QUIET_AFTER.as_secs()
+        + tally_projector::quota::QUIET_SNAPSHOT_MIN_GAP.as_secs()
+        + 5,
+);
 /// Longest the pipeline may take to absorb the history.
 const ABSORB_TIMEOUT: Duration = Duration::from_secs(7200);
 
@@ -138,6 +145,7 @@ pub async fn measure(
 async fn absorb(conns: &Connections, http: &reqwest::Client, live: &str) -> anyhow::Result<()> {
     let last = tally_ledger::stream::last_sequence(&conns.js, &conns.stream.name).await?;
     let deadline = Instant::now() + ABSORB_TIMEOUT;
+    let mut absorbed_at: Option<Instant> = None;
     loop {
         let contiguous = tally_ledger::reader::contiguous_seq(&conns.pool).await?;
         let quota: Option<i64> = sqlx::query_scalar(
@@ -158,8 +166,19 @@ async fn absorb(conns: &Connections, http: &reqwest::Client, live: &str) -> anyh
             .await?;
         let folded = q["as_of"]["stream_seq"].as_u64().unwrap_or(0);
         let quota = quota.unwrap_or(0).max(0) as u64;
-        if contiguous >= last && quota >= last && folded >= last && snapshot.is_some() {
-            return Ok(());
+        let absorbed = contiguous >= last && quota >= last && folded >= last;
+        if absorbed {
+            // A deploy after the burst: the quota projection snapshots the head once traffic
+            // has been quiet (`QUIET_AFTER`, at most every `QUIET_SNAPSHOT_MIN_GAP`); a restart
+            // under load starts from the newest periodic snapshot instead, which is what is
+            // left when that does not happen within `QUIET_WAIT`.
+            let since = *absorbed_at.get_or_insert_with(Instant::now);
+            let at_head = snapshot.is_some_and(|s| s.max(0) as u64 >= last);
+            if at_head || (since.elapsed() > QUIET_WAIT && snapshot.is_some()) {
+                return Ok(());
+            }
+        } else {
+            absorbed_at = None;
         }
         if Instant::now() > deadline {
             bail!(

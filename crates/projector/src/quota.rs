@@ -26,6 +26,11 @@ use crate::tables::Tables;
 
 /// Subjects compacted after each batch: bounds the time the state is locked for it.
 pub const COMPACT_SUBJECTS_PER_BATCH: usize = 2_000;
+/// Least time between two snapshots written because traffic went quiet: a snapshot of a large
+/// state costs a moment of CPU and a few MB written, so bursts with short pauses between them
+/// wait for the regular schedule (a restart then folds at most what arrived since the last
+/// quiet snapshot, a few seconds of traffic).
+pub const QUIET_SNAPSHOT_MIN_GAP: Duration = Duration::from_secs(10);
 
 /// What the quota projection needs to know beyond the ledger.
 #[derive(Clone, Debug)]
@@ -62,6 +67,8 @@ struct Folded {
     q: QuotaState,
     since_snapshot: u64,
     last_snapshot: Instant,
+    /// When a snapshot was last written because traffic went quiet.
+    last_quiet_snapshot: Option<Instant>,
 }
 
 /// The quota projection (name `quota`).
@@ -101,6 +108,7 @@ impl QuotaProjection {
                 q: QuotaState::default(),
                 since_snapshot: 0,
                 last_snapshot: Instant::now(),
+                last_quiet_snapshot: None,
             }),
         }
     }
@@ -154,8 +162,9 @@ impl QuotaProjection {
         Ok((q, upto.saturating_sub(from)))
     }
 
-    /// Write a snapshot when one is due; compact a slice of the state either way.
-    async fn maintain(&self) -> Result<(), Error> {
+    /// Write a snapshot when one is due (or, `quiet`, when traffic stopped with events not in
+    /// any snapshot); compact a slice of the state either way.
+    async fn maintain(&self, quiet: bool) -> Result<(), Error> {
         let due = {
             let mut f = self.folded();
             let s = &self.settings;
@@ -166,16 +175,23 @@ impl QuotaProjection {
             let floor = now.checked_sub_signed(backfill).unwrap_or(now);
             f.q.compact(&h, floor, COMPACT_SUBJECTS_PER_BATCH);
             f.q.prune();
+            let quiet_due = quiet
+                && f.last_quiet_snapshot
+                    .is_none_or(|t| t.elapsed() >= QUIET_SNAPSHOT_MIN_GAP);
             let due = self.snapshots
                 && s.snapshot_every_events > 0
                 && f.since_snapshot > 0
                 && (f.since_snapshot >= s.snapshot_every_events
-                    || f.last_snapshot.elapsed() >= s.snapshot_interval);
+                    || f.last_snapshot.elapsed() >= s.snapshot_interval
+                    || quiet_due);
             match (due, f.at) {
                 (true, Some(at)) => {
                     let seq = at.max(0) as u64;
                     f.since_snapshot = 0;
                     f.last_snapshot = Instant::now();
+                    if quiet_due {
+                        f.last_quiet_snapshot = Some(f.last_snapshot);
+                    }
                     Some((seq, f.q.encode_snapshot(seq, now)))
                 }
                 _ => None,
@@ -314,6 +330,10 @@ impl Projection for QuotaProjection {
     }
 
     fn after_commit<'a>(&'a self) -> ApplyFuture<'a> {
-        Box::pin(self.maintain())
+        Box::pin(self.maintain(false))
+    }
+
+    fn on_quiet<'a>(&'a self) -> ApplyFuture<'a> {
+        Box::pin(self.maintain(true))
     }
 }

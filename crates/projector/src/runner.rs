@@ -31,6 +31,10 @@ pub const REBUILD_BATCH: i64 = 10_000;
 pub const IDLE_POLL: Duration = Duration::from_millis(200);
 /// Backoff while Postgres fails.
 pub const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+/// A live runner that has folded rows and then seen none for this long calls
+/// [`Projection::on_quiet`] once: long enough that a steady trickle of traffic does not count
+/// as quiet, short enough that the end of a burst is noticed within seconds.
+pub const QUIET_AFTER: Duration = Duration::from_secs(2);
 
 /// Boxed future returned by [`Projection::apply`].
 pub type ApplyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Error>> + Send + 'a>>;
@@ -91,6 +95,12 @@ pub trait Projection: Send + Sync + 'static {
     /// Called after [`Projection::committed`], outside any transaction: periodic work such as
     /// writing a snapshot.
     fn after_commit<'a>(&'a self) -> ApplyFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Called once when the ledger has been quiet for [`QUIET_AFTER`] after rows were folded,
+    /// outside any transaction: work best done between bursts (the quota projection writes a
+    /// snapshot, so an instance started after a burst folds nothing after it).
+    fn on_quiet<'a>(&'a self) -> ApplyFuture<'a> {
         Box::pin(async { Ok(()) })
     }
     /// The totals its `tables` show, read in the caller's transaction, for the audit.
@@ -201,10 +211,22 @@ impl Projector {
             tracing::warn!(error = %e, "loading the projection's state at start failed");
         }
         let mut listener = None;
+        // Since when nothing new arrived, while rows folded before it still await `on_quiet`.
+        let mut quiet_since: Option<std::time::Instant> = None;
         loop {
             match self.catch_up(None).await {
-                Ok(n) if n > 0 => continue,
-                Ok(_) => {}
+                Ok(n) if n > 0 => {
+                    quiet_since = Some(std::time::Instant::now());
+                    continue;
+                }
+                Ok(_) => {
+                    if quiet_since.is_some_and(|t| t.elapsed() >= QUIET_AFTER) {
+                        quiet_since = None;
+                        if let Err(e) = self.projection.on_quiet().await {
+                            tracing::warn!(error = %e, "the projection's work between bursts failed");
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "projection batch failed; retrying");
                     listener = None;
