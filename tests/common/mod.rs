@@ -230,7 +230,13 @@ impl Stack {
             shutdown,
             handles,
             tasks,
-            http: reqwest::Client::new(),
+            // Pooled connections are dropped before the server closes idle keep-alive ones
+            // (--http-header-timeout, 30 s): reusing one the server is closing at that moment
+            // fails the request ("connection closed before message completed").
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
         };
         stack.wait_ready().await;
         stack

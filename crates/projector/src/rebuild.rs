@@ -130,18 +130,16 @@ async fn build_and_finish(
     let runner = Projector::on(pool.clone(), projection.clone(), Tables::REBUILD)
         .observed_in(batch_seconds.clone());
     let mut p = Progress::default();
+    // Most of the history: pages read ahead while the previous one is folded and written.
+    let mut pages = runner.read_ahead(0);
+    while let Some(page) = pages.recv().await {
+        let n = runner.fold_page(page?).await?;
+        report(pool, &runner, &mut p, n, started, progress).await?;
+    }
+    // What arrived meanwhile, page by page, up to the head.
     loop {
         let n = runner.catch_up(None).await?;
-        p.rows += n as u64;
-        p.at = runner
-            .stats()
-            .checkpoint
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let mut conn = pool.acquire().await?;
-        p.head = head(&mut conn, projection.order()).await?;
-        drop(conn);
-        p.rows_per_s = p.rows as f64 / started.elapsed().as_secs_f64().max(1e-6);
-        progress(&p);
+        report(pool, &runner, &mut p, n, started, progress).await?;
         if n == 0 {
             break;
         }
@@ -160,6 +158,7 @@ async fn build_and_finish(
         projection.committed(to);
         p.rows += n as u64;
     }
+    projection.finish_rebuild(&mut tx, Tables::REBUILD).await?;
     let key = Tables::REBUILD.checkpoint_key(projection.name());
     let at: i64 =
         sqlx::query_scalar("SELECT last_pos FROM projection_checkpoints WHERE projection = $1")
@@ -185,6 +184,27 @@ async fn build_and_finish(
         .await?;
     tx.commit().await?;
     Ok(out)
+}
+
+/// Count `n` more rows folded and tell `progress` where the rebuild stands.
+async fn report(
+    pool: &PgPool,
+    runner: &Projector,
+    p: &mut Progress,
+    n: usize,
+    started: Instant,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<(), Error> {
+    p.rows += n as u64;
+    p.at = runner
+        .stats()
+        .checkpoint
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let mut conn = pool.acquire().await?;
+    p.head = head(&mut conn, runner.order()).await?;
+    p.rows_per_s = p.rows as f64 / started.elapsed().as_secs_f64().max(1e-6);
+    progress(p);
+    Ok(())
 }
 
 async fn drop_tables(tx: &mut PgConnection, p: &dyn Projection, schema: &str) -> Result<(), Error> {

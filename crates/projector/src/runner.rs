@@ -26,6 +26,9 @@ pub const MAX_BATCH: i64 = 2000;
 /// the batch is sized for throughput (fewer round trips and commits, pools written once per
 /// batch); a page of decoded events stays some tens of MiB.
 pub const REBUILD_BATCH: i64 = 10_000;
+/// Pages a rebuild reads ahead of its fold: one ready while one is folded, so reading (Postgres,
+/// decoding) overlaps folding and writing without holding more than two pages of events.
+pub const READ_AHEAD_PAGES: usize = 2;
 /// How often an idle projector looks for new rows even without a notification (a lost NOTIFY,
 /// e.g. across a Postgres restart, delays a projection by at most this much).
 pub const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -95,6 +98,12 @@ pub trait Projection: Send + Sync + 'static {
     /// Called after [`Projection::committed`], outside any transaction: periodic work such as
     /// writing a snapshot.
     fn after_commit<'a>(&'a self) -> ApplyFuture<'a> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Called once in a rebuild's last transaction, after its last batch and before the swap
+    /// or the comparison: work a rebuild does once over all its rows rather than per batch (the
+    /// usage projection derives its hour and day tables from its minutes in one statement each).
+    fn finish_rebuild<'a>(&'a self, _tx: &'a mut PgConnection, _tables: Tables) -> ApplyFuture<'a> {
         Box::pin(async { Ok(()) })
     }
     /// Called once when the ledger has been quiet for [`QUIET_AFTER`] after rows were folded,
@@ -181,6 +190,11 @@ impl Projector {
             batch_seconds,
         });
         Projector { stats, ..self }
+    }
+
+    /// The order its projection folds in.
+    pub fn order(&self) -> Order {
+        self.projection.order()
     }
 
     /// Shared counters.
@@ -273,6 +287,15 @@ impl Projector {
     /// Fold the next batch after the checkpoint (not past `upto`) in one transaction. Returns
     /// how many rows the batch read (0 when caught up).
     pub async fn catch_up(&self, upto: Option<i64>) -> Result<usize, Error> {
+        self.catch_up_with(upto, None).await
+    }
+
+    /// [`Projector::catch_up`] with the batch already read (`page`, from [`Projector::read_ahead`]).
+    pub async fn fold_page(&self, page: Page) -> Result<usize, Error> {
+        self.catch_up_with(None, Some(page)).await
+    }
+
+    async fn catch_up_with(&self, upto: Option<i64>, page: Option<Page>) -> Result<usize, Error> {
         let started = std::time::Instant::now();
         let mut tx = self.pool.begin().await?;
         if self.tables != Tables::LIVE {
@@ -283,7 +306,7 @@ impl Projector {
                 .execute(&mut *tx)
                 .await?;
         }
-        let Some((to, n)) = self.step(&mut tx, upto).await? else {
+        let Some((to, n)) = self.step_with(&mut tx, upto, page).await? else {
             return Ok(0);
         };
         tx.commit().await?;
@@ -306,21 +329,39 @@ impl Projector {
         tx: &mut PgConnection,
         upto: Option<i64>,
     ) -> Result<Option<(i64, usize)>, Error> {
+        self.step_with(tx, upto, None).await
+    }
+
+    async fn step_with(
+        &self,
+        tx: &mut PgConnection,
+        upto: Option<i64>,
+        page: Option<Page>,
+    ) -> Result<Option<(i64, usize)>, Error> {
         let key = self.tables.checkpoint_key(self.projection.name());
         let from = lock_checkpoint(tx, &key).await?;
-        let limit = upto.map_or(self.batch, |u| (u - from).clamp(0, self.batch));
-        if limit == 0 {
-            return Ok(None);
-        }
-        let types = self.projection.event_types();
-        let (events, last, spanned) =
-            read_after(tx, self.projection.order(), from, limit, types).await?;
-        let Some(to) = last else {
+        let page = match page {
+            Some(p) if p.from != from => {
+                return Err(Error::Busy(format!(
+                    "the checkpoint of `{key}` moved to {from} while the page after {} was read",
+                    p.from
+                )));
+            }
+            Some(p) => p,
+            None => {
+                let limit = upto.map_or(self.batch, |u| (u - from).clamp(0, self.batch));
+                if limit == 0 {
+                    return Ok(None);
+                }
+                let order = self.projection.order();
+                read_page(tx, order, from, limit, self.projection.event_types()).await?
+            }
+        };
+        let Some(to) = page.last else {
             return Ok(None);
         };
-        let events: Vec<Envelope> = events.into_iter().map(|(_, e)| e).collect();
         self.projection.prepare(from).await?;
-        self.projection.apply(tx, self.tables, &events).await?;
+        self.projection.apply(tx, self.tables, &page.events).await?;
         sqlx::query(
             "UPDATE projection_checkpoints SET last_pos = $2, updated_at = clock_timestamp() WHERE projection = $1",
         )
@@ -328,8 +369,65 @@ impl Projector {
         .bind(to)
         .execute(&mut *tx)
         .await?;
-        Ok(Some((to, spanned)))
+        Ok(Some((to, page.spanned)))
     }
+
+    /// Pages after `from`, read on a connection of their own at most [`READ_AHEAD_PAGES`] ahead
+    /// of the fold, until one comes back empty (the head at that moment) or the receiver is
+    /// dropped. A rebuild folds and writes one page while Postgres reads the next.
+    pub fn read_ahead(&self, from: i64) -> tokio::sync::mpsc::Receiver<Result<Page, Error>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD_PAGES);
+        let (pool, limit) = (self.pool.clone(), self.batch);
+        let (order, types) = (self.projection.order(), self.projection.event_types());
+        tokio::spawn(async move {
+            let read = async {
+                let mut conn = pool.acquire().await?;
+                let mut from = from;
+                loop {
+                    let page = read_page(&mut conn, order, from, limit, types).await?;
+                    let Some(to) = page.last else {
+                        return Ok::<(), Error>(());
+                    };
+                    if tx.send(Ok(page)).await.is_err() {
+                        return Ok(());
+                    }
+                    from = to;
+                }
+            };
+            if let Err(e) = read.await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        rx
+    }
+}
+
+/// A batch of ledger rows after a checkpoint, decoded.
+pub struct Page {
+    /// The checkpoint it starts after.
+    from: i64,
+    /// The events of the projection's types, in its order.
+    events: Vec<Envelope>,
+    /// The position (or stream sequence) of the last row read; None when there was none.
+    last: Option<i64>,
+    /// Ledger rows moved past, including those of other types.
+    spanned: usize,
+}
+
+async fn read_page(
+    conn: &mut PgConnection,
+    order: Order,
+    from: i64,
+    limit: i64,
+    types: Option<&[&str]>,
+) -> Result<Page, Error> {
+    let (events, last, spanned) = read_after(conn, order, from, limit, types).await?;
+    Ok(Page {
+        from,
+        events: events.into_iter().map(|(_, e)| e).collect(),
+        last,
+        spanned,
+    })
 }
 
 /// Lock (creating it at 0) the checkpoint row `key`: two runners of one projection must not fold

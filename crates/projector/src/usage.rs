@@ -87,8 +87,32 @@ impl Projection for UsageProjection {
             if minutes.is_empty() {
                 return Ok(());
             }
+            if tables != Tables::LIVE {
+                // A rebuild writes minutes only; `finish_rebuild` derives hours and days.
+                return upsert(tx, &tables.name(Granularity::Minute.table()), &minutes).await;
+            }
             for g in Granularity::ALL {
                 upsert(tx, &tables.name(g.table()), &rollup(&minutes, g)).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn finish_rebuild<'a>(&'a self, tx: &'a mut PgConnection, tables: Tables) -> ApplyFuture<'a> {
+        Box::pin(async move {
+            let minute = tables.name(Granularity::Minute.table());
+            for (g, unit) in [(Granularity::Hour, "hour"), (Granularity::Day, "day")] {
+                // The same totals the live runner reaches by adding batch after batch: sums of
+                // non-negative amounts, saturated once at the largest bigint.
+                let sums = USAGE_COLUMNS
+                    .map(|c| format!("LEAST(sum({c}), {})::bigint", i64::MAX))
+                    .join(", ");
+                let sql = format!(
+                    "INSERT INTO {t} (subject, model, model_group, counted_in_key_global,                        counted_in_user_global, bucket, {cols})                      SELECT subject, model, model_group, counted_in_key_global,                        counted_in_user_global, date_trunc('{unit}', bucket, 'UTC'), {sums}                      FROM {minute} GROUP BY 1, 2, 3, 4, 5, 6",
+                    t = tables.name(g.table()),
+                    cols = USAGE_COLUMNS.join(", "),
+                );
+                sqlx::Executor::execute(&mut *tx, sql.as_str()).await?;
             }
             Ok(())
         })
