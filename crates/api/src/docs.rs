@@ -248,9 +248,12 @@ static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 /// Keep `document` for `GET /openapi.json`.
 pub(crate) fn publish(document: utoipa::openapi::OpenApi) {
     DOCUMENT.get_or_init(|| {
-        document
-            .to_pretty_json()
-            .unwrap_or_else(|e| format!("{{\"error\": \"the document did not serialize: {e}\"}}"))
+        let mut json = match serde_json::to_value(&document) {
+            Ok(v) => v,
+            Err(e) => return format!("{{\"error\": \"the document did not serialize: {e}\"}}"),
+        };
+        crate::doc_rules::apply(&mut json);
+        serde_json::to_string_pretty(&json).unwrap_or_default()
     });
 }
 

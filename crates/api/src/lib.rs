@@ -9,6 +9,7 @@ mod admin;
 pub use admin::MAX_POOLS_PER_CALL;
 pub mod auth;
 pub mod body;
+mod doc_rules;
 pub mod docs;
 mod durable;
 pub mod error;
