@@ -59,6 +59,8 @@ fn parameter_rule(path: &str, name: &str) -> Option<Value> {
         ("/v1/reports/daily-usage", "limit") => json!({
             "type": "integer", "minimum": 1, "maximum": tally_projector::daily_usage::MAX_REPORT_ROWS,
         }),
+        ("/v1/reports/daily-usage", "from" | "to") => json!({"type": "string", "format": "date"}),
+        (_, "at" | "from" | "to") => json!({"type": "string", "format": "date-time"}),
         (_, name) => return parameter_rule_by_name(name),
     })
 }
@@ -90,6 +92,20 @@ fn property_rule(schema: &str, property: &str) -> Option<Value> {
             "type": "array",
             "maxItems": MAX_GROUPS_PER_SUBJECT,
             "items": {"type": "string", "pattern": format!("^[A-Za-z0-9._:@-]{{1,{MAX_SUBJECT_ID_LEN}}}$")},
+        }),
+        ("CreditsIn", "refill") => json!({
+            "type": "object",
+            "required": ["amount", "interval"],
+            "properties": {
+                "amount": amount(1),
+                "interval": one_of(&["daily", "monthly"]),
+                "day": {"type": ["integer", "null"], "minimum": 1, "maximum": 31},
+            },
+        }),
+        ("PolicyIn", "window") => json!({
+            "type": "object",
+            "required": ["kind"],
+            "properties": {"kind": one_of(&WINDOW_KINDS)},
         }),
         ("ModelGroupIn", "models") => json!({
             "type": "array", "minItems": 1, "maxItems": MAX_MODELS_PER_GROUP, "items": name(),

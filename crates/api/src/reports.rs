@@ -118,8 +118,20 @@ fn report_query(params: &Params) -> Result<ReportQuery, ApiError> {
 
 fn date(params: &Params, name: &str) -> Result<NaiveDate, ApiError> {
     let text = params.required(name)?;
-    NaiveDate::parse_from_str(text, "%Y-%m-%d")
-        .map_err(|_| ApiError::invalid(name, "must be a date like 2026-11-24"))
+    // Exactly RFC 3339's full-date (the document's `format: date`): chrono alone would also take
+    // `2026-1-5` or a five-digit year.
+    let shaped = text.len() == 10
+        && text.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
+    shaped
+        .then(|| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok())
+        .flatten()
+        .ok_or_else(|| ApiError::invalid(name, "must be a date like 2026-11-24"))
 }
 
 /// A cursor is opaque to clients: the hex of a JSON `[day, subject, model]`.
