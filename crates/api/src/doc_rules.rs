@@ -53,6 +53,35 @@ fn amount(min: i64) -> Value {
     json!({"type": "integer", "format": "int64", "minimum": min, "maximum": MAX_AMOUNT})
 }
 
+/// A window: one shape per kind, unknown fields refused (`Window` is `deny_unknown_fields`);
+/// durations in `parse_duration_minutes`'s grammar (1..=12 digits and a unit; the range, 1 m
+/// to ten years, is its own 400).
+fn window() -> Value {
+    let shape = |kind: &str, required: &[&str], mut props: Value| {
+        props["kind"] = json!({"const": kind});
+        let mut req = vec!["kind"];
+        req.extend_from_slice(required);
+        json!({"type": "object", "required": req, "properties": props, "additionalProperties": false})
+    };
+    let duration = json!({"type": "string", "pattern": "^[0-9]{1,12}[mhdw]$"});
+    let opt_text = json!({"type": ["string", "null"]});
+    json!({
+        "type": "object",
+        "oneOf": [
+            shape("rolling", &["duration"], json!({"duration": duration})),
+            shape("calendar", &["unit"], json!({
+                "unit": one_of(&["day", "week", "month"]),
+                "timezone": opt_text, "reset_at": opt_text, "week_start": opt_text,
+            })),
+            shape("periodic", &["every"], json!({
+                "every": duration,
+                "anchor": {"type": ["string", "null"], "format": "date-time"},
+            })),
+            shape("lifetime", &[], json!({})),
+        ],
+    })
+}
+
 /// Query and path parameters, by path and name.
 fn parameter_rule(path: &str, name: &str) -> Option<Value> {
     Some(match (path, name) {
@@ -102,11 +131,7 @@ fn property_rule(schema: &str, property: &str) -> Option<Value> {
                 "day": {"type": ["integer", "null"], "minimum": 1, "maximum": 31},
             },
         }),
-        ("PolicyIn", "window") => json!({
-            "type": "object",
-            "required": ["kind"],
-            "properties": {"kind": one_of(&WINDOW_KINDS)},
-        }),
+        ("PolicyIn", "window") => window(),
         ("ModelGroupIn", "models") => json!({
             "type": "array", "minItems": 1, "maxItems": MAX_MODELS_PER_GROUP, "items": name(),
         }),
