@@ -116,6 +116,10 @@ fn property_rule(schema: &str, property: &str) -> Option<Value> {
         (_, "on_exhausted") => one_of(&["reject", "disable", "alert"]),
         (_, "window_kind") => one_of(&WINDOW_KINDS),
         ("GrantIn", "amount") | ("PolicyIn", "limit") => amount(1),
+        // A u32: utoipa writes `int32`, which tools read as at most 2^31 - 1.
+        ("SettleIn", "seq") => {
+            json!({"type": "integer", "format": "int64", "minimum": 0, "maximum": u32::MAX})
+        }
         ("CreditsIn", "amount") => amount(0),
         ("SubjectIn", "groups") => json!({
             "type": "array",
