@@ -4,6 +4,45 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// "Dependency unavailable" warnings: during an outage (NATS away, the state still loading)
+/// every request fails alike, at whatever rate clients send; the access log already has a line
+/// per request, so the warning is written at most once per second, with how many it stands for.
+static UNAVAILABLE_WARNINGS: EverySecond = EverySecond::new();
+
+/// A log line allowed at most once per second; the calls in between are counted.
+pub(crate) struct EverySecond {
+    /// The second of the last line written.
+    last_s: AtomicU64,
+    /// Calls since then that wrote nothing.
+    suppressed: AtomicU64,
+}
+
+impl EverySecond {
+    pub(crate) const fn new() -> Self {
+        EverySecond {
+            last_s: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// At `now_s`: Some(calls suppressed since the last line) when a line is due, else None.
+    pub(crate) fn due(&self, now_s: u64) -> Option<u64> {
+        let last = self.last_s.load(Ordering::Relaxed);
+        let won = now_s > last
+            && self
+                .last_s
+                .compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        if won {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
 
 /// Every way a request can fail. Database and NATS details are logged, never returned.
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +160,14 @@ impl IntoResponse for ApiError {
         let (status, _) = self.status();
         match &self {
             ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
-            ApiError::Unavailable(detail) => tracing::warn!(%detail, "dependency unavailable"),
+            ApiError::Unavailable(detail) => {
+                let now_s = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                if let Some(suppressed) = UNAVAILABLE_WARNINGS.due(now_s) {
+                    tracing::warn!(%detail, suppressed, "dependency unavailable");
+                }
+            }
             _ => {}
         }
         let mut response = (status, Json(self.body())).into_response();
@@ -200,5 +246,27 @@ impl From<tally_projector::Error> for ApiError {
             },
             other => ApiError::Internal(other.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EverySecond;
+
+    #[test]
+    fn one_line_per_second_counting_the_rest() {
+        let w = EverySecond::new();
+        assert_eq!(w.due(100), Some(0));
+        for _ in 0..999 {
+            assert_eq!(w.due(100), None);
+        }
+        assert_eq!(
+            w.due(101),
+            Some(999),
+            "the next second's line counts the suppressed"
+        );
+        assert_eq!(w.due(101), None);
+        assert_eq!(w.due(99), None, "a clock stepping back writes nothing");
+        assert_eq!(w.due(105), Some(2));
     }
 }
