@@ -128,6 +128,18 @@ struct Subscription {
     last_message: tokio::time::Instant,
 }
 
+impl Subscription {
+    /// This fresh subscription with the watermark of the one it replaces: the sequences that
+    /// one committed above its contiguous mark stay known (the fresh mark only has what Postgres
+    /// and the ack floor say), so the mark never steps back on a re-subscribe.
+    fn keeping_mark_of(mut self, old: Subscription) -> Subscription {
+        let fresh = self.mark.get();
+        self.mark = old.mark;
+        self.mark.raise_to(fresh);
+        self
+    }
+}
+
 struct Row {
     seq: u64,
     env: Envelope,
@@ -191,7 +203,7 @@ impl LedgerWriter {
                 Err(e) => {
                     tracing::warn!(error = %e, "consuming failed; re-subscribing");
                     match self.subscribe_retrying(&mut shutdown).await? {
-                        Some(fresh) => sub = fresh,
+                        Some(fresh) => sub = fresh.keeping_mark_of(sub),
                         None => return Ok(()),
                     }
                     continue;
@@ -203,7 +215,7 @@ impl LedgerWriter {
             if last_check.elapsed() > ALARM_CHECK_EVERY {
                 if self.periodic_check(&mut sub).await? {
                     match self.subscribe_retrying(&mut shutdown).await? {
-                        Some(fresh) => sub = fresh,
+                        Some(fresh) => sub = fresh.keeping_mark_of(sub),
                         None => return Ok(()),
                     }
                 }
