@@ -12,19 +12,10 @@
 
 use serde_json::{Value, json};
 use tally_events::rules::{MAX_GROUPS_PER_SUBJECT, MAX_ID_LEN, MAX_MODELS_PER_GROUP, WINDOW_KINDS};
-use tally_events::{MAX_AMOUNT, MAX_NAME_LEN, MAX_SUBJECT_ID_LEN, MAX_SUBJECT_KIND_LEN};
+use tally_events::{MAX_AMOUNT, MAX_NAME_LEN, MAX_SUBJECT_ID_LEN, MAX_SUBJECT_KIND_LEN, Metric};
 
 /// Characters `validate_name` refuses: Unicode category Cc (C0, DEL, C1).
 const NO_CONTROL: &str = r"^[^\x00-\x1f\x7f-\x9f]*$";
-/// The metrics a policy or grant counts.
-const METRICS: [&str; 6] = [
-    "requests",
-    "input_tokens",
-    "output_tokens",
-    "tokens",
-    "cost",
-    "credits",
-];
 
 fn subject() -> Value {
     json!({
@@ -45,7 +36,9 @@ fn id() -> Value {
     json!({"type": "string", "minLength": 1, "maxLength": MAX_ID_LEN, "pattern": NO_CONTROL})
 }
 
-fn one_of(values: &[&str]) -> Value {
+/// One of `values`, written as they serialize (a `&str`, or an enum such as `Metric` whose
+/// serde names are its wire names).
+fn one_of<T: serde::Serialize>(values: &[T]) -> Value {
     json!({"type": "string", "enum": values})
 }
 
@@ -90,17 +83,11 @@ fn parameter_rule(path: &str, name: &str) -> Option<Value> {
         }),
         ("/v1/reports/daily-usage", "from" | "to") => json!({"type": "string", "format": "date"}),
         (_, "at" | "from" | "to") => json!({"type": "string", "format": "date-time"}),
-        (_, name) => return parameter_rule_by_name(name),
-    })
-}
-
-fn parameter_rule_by_name(name: &str) -> Option<Value> {
-    Some(match name {
-        "subject" => subject(),
-        "request_id" | "model" => self::name(),
-        "id" | "name" => id(),
-        "granularity" => one_of(&["minute", "hour", "day"]),
-        "format" => one_of(&["json", "csv"]),
+        (_, "subject") => subject(),
+        (_, "request_id" | "model") => self::name(),
+        (_, "id" | "name") => id(),
+        (_, "granularity") => one_of(&["minute", "hour", "day"]),
+        (_, "format") => one_of(&["json", "csv"]),
         _ => return None,
     })
 }
@@ -111,7 +98,7 @@ fn property_rule(schema: &str, property: &str) -> Option<Value> {
         (_, "subject" | "parent") => subject(),
         (_, "request_id" | "settlement_id" | "model") | ("PoolIn", "policy_id") => name(),
         (_, "policy_id" | "model_group" | "id") => id(),
-        (_, "metric") => one_of(&METRICS),
+        (_, "metric") => one_of(&Metric::ALL),
         (_, "boundary") => one_of(&["strict", "graceful"]),
         (_, "on_exhausted") => one_of(&["reject", "disable", "alert"]),
         (_, "window_kind") => one_of(&WINDOW_KINDS),

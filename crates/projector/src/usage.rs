@@ -101,12 +101,10 @@ impl Projection for UsageProjection {
     fn finish_rebuild<'a>(&'a self, tx: &'a mut PgConnection, tables: Tables) -> ApplyFuture<'a> {
         Box::pin(async move {
             let minute = tables.name(Granularity::Minute.table());
+            // The same totals the live runner reaches by adding batch after batch: sums of
+            // non-negative amounts, saturated once at the largest bigint.
+            let sums = USAGE_COLUMNS.map(saturating_sum).join(", ");
             for (g, unit) in [(Granularity::Hour, "hour"), (Granularity::Day, "day")] {
-                // The same totals the live runner reaches by adding batch after batch: sums of
-                // non-negative amounts, saturated once at the largest bigint.
-                let sums = USAGE_COLUMNS
-                    .map(|c| format!("LEAST(sum({c}), {})::bigint", i64::MAX))
-                    .join(", ");
                 let sql = format!(
                     "INSERT INTO {t} (subject, model, model_group, counted_in_key_global,                        counted_in_user_global, bucket, {cols})                      SELECT subject, model, model_group, counted_in_key_global,                        counted_in_user_global, date_trunc('{unit}', bucket, 'UTC'), {sums}                      FROM {minute} GROUP BY 1, 2, 3, 4, 5, 6",
                     t = tables.name(g.table()),
