@@ -149,6 +149,19 @@ async fn hierarchy_team_and_customer_limits_are_shared_pools() {
         (409, Some("parent")),
         "cycle refused: {b}"
     );
+    // Its own parent: the shortest cycle, refused the same way.
+    let (st, b) = stack
+        .admin(
+            "PUT",
+            "/v1/subjects/team:t1",
+            Some(json!({"parent": "team:t1"})),
+        )
+        .await;
+    assert_eq!(
+        (st, b["error"]["field"].as_str()),
+        (409, Some("parent")),
+        "self-parent refused as a cycle: {b}"
+    );
     s.policy("team-tokens", json!({"subject": "team:t1", "metric": "tokens", "limit": 1000, "window": day_window("day")})).await;
     s.policy("team2-requests", json!({"subject": "team:t2", "metric": "requests", "limit": 2, "window": day_window("day")})).await;
     s.policy("customer-tokens", json!({"subject": "customer:c1", "metric": "tokens", "limit": 1500, "window": day_window("day")})).await;

@@ -202,9 +202,10 @@ impl<'de> Deserializer<'de> for Strict<'de> {
         match self.0 {
             Value::Null => v.visit_unit(),
             Value::Bool(b) => v.visit_bool(*b),
-            Value::Number(n) => match (n.as_u64(), n.as_i64()) {
-                (Some(u), _) => v.visit_u64(u),
-                (None, Some(i)) => v.visit_i64(i),
+            Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64().and_then(integral)) {
+                (Some(u), _, _) => v.visit_u64(u),
+                (None, Some(i), _) => v.visit_i64(i),
+                (None, None, Some(i)) => v.visit_i64(i),
                 _ => v.visit_f64(n.as_f64().unwrap_or(f64::NAN)),
             },
             Value::String(s) => v.visit_borrowed_str(s),
@@ -259,10 +260,28 @@ impl<'de> Deserializer<'de> for Strict<'de> {
         v.visit_unit()
     }
 
+    /// A name (a tagged enum's tag, a field): a string only. serde's identifiers also take a
+    /// variant's index, so `{"kind": 0}` would otherwise be the first window kind.
+    fn deserialize_identifier<V: Visitor<'de>>(self, v: V) -> Result<V::Value, StrictError> {
+        match self.0 {
+            Value::String(s) => v.visit_borrowed_str(s),
+            other => Err(de::Error::invalid_type(unexpected(other), &"a name")),
+        }
+    }
+
     serde::forward_to_deserialize_any! {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-        unit unit_struct seq tuple tuple_struct map identifier
+        unit unit_struct seq tuple tuple_struct map
     }
+}
+
+/// Largest magnitude below which every integer is exactly an `f64`.
+const EXACT_F64_INTEGER: f64 = 9_007_199_254_740_992.0; // 2^53
+
+/// `2.0` or `1e3` is an integer, as JSON Schema counts them (a number with no fraction): amounts
+/// written so are taken. Only where the `f64` is exact; `1.5` stays a float (and a 400).
+fn integral(f: f64) -> Option<i64> {
+    (f.fract() == 0.0 && f.abs() <= EXACT_F64_INTEGER).then_some(f as i64)
 }
 
 fn unexpected(v: &Value) -> de::Unexpected<'_> {
@@ -483,6 +502,52 @@ mod tests {
             field(r#"{"id":7,"estimate":{"cost":1}}"#).as_deref(),
             Some("id")
         );
+        assert_eq!(
+            field(r#"{"id":"a","estimate":{"cost":1e300}}"#).as_deref(),
+            Some("estimate.cost")
+        );
+    }
+
+    /// JSON Schema counts `2.0` as an integer: so does the API, where the `f64` is exact.
+    #[test]
+    fn whole_numbers_written_as_floats_are_integers() {
+        let cost = |json: &str| parse_json::<Inner>(json.as_bytes()).map(|i| i.cost);
+        assert_eq!(cost(r#"{"cost":2.0}"#).ok(), Some(2));
+        assert_eq!(cost(r#"{"cost":1e3}"#).ok(), Some(1000));
+        assert_eq!(cost(r#"{"cost":-0.0}"#).ok(), Some(0));
+        assert_eq!(cost(r#"{"cost":9007199254740992.0}"#).ok(), Some(1 << 53));
+        for bad in [r#"{"cost":2.5}"#, r#"{"cost":1e19}"#, r#"{"cost":-1e300}"#] {
+            assert!(cost(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A tagged enum's tag is a name: serde would take a variant's index (`"kind": 0` as the
+    /// first window kind) from a number.
+    #[test]
+    fn a_tag_is_a_name_never_an_index() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Body {
+            window: tally_events::Window,
+        }
+        let parse = |json: &str| parse_json::<Body>(json.as_bytes());
+        assert!(parse(r#"{"window":{"kind":"rolling","duration":"5h"}}"#).is_ok());
+        assert!(parse(r#"{"window":{"kind":"lifetime"}}"#).is_ok());
+        for bad in [
+            r#"{"window":{"kind":0,"duration":"5h"}}"#,
+            r#"{"window":{"kind":3}}"#,
+            r#"{"window":{"kind":true}}"#,
+            r#"{"window":{"kind":null}}"#,
+            r#"{"window":{"kind":["lifetime"]}}"#,
+        ] {
+            match parse(bad) {
+                Err(ApiError::Invalid { field, .. }) => {
+                    assert_eq!(field.as_deref(), Some("window.kind"), "{bad}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //! keeps the rules beside each other and beside the constants they come from.
 
 use serde_json::{Value, json};
-use tally_events::rules::{MAX_GROUPS_PER_SUBJECT, MAX_ID_LEN, MAX_MODELS_PER_GROUP, WINDOW_KINDS};
+use tally_events::rules::{
+    MAX_GROUPS_PER_SUBJECT, MAX_ID_LEN, MAX_INSTANT_YEAR, MAX_MODELS_PER_GROUP, MIN_INSTANT_YEAR,
+    WINDOW_KINDS,
+};
 use tally_events::{MAX_AMOUNT, MAX_NAME_LEN, MAX_SUBJECT_ID_LEN, MAX_SUBJECT_KIND_LEN, Metric};
 
 /// Characters `validate_name` refuses: Unicode category Cc (C0, DEL, C1).
@@ -46,9 +49,32 @@ fn amount(min: i64) -> Value {
     json!({"type": "integer", "format": "int64", "minimum": min, "maximum": MAX_AMOUNT})
 }
 
-/// A window: one shape per kind, unknown fields refused (`Window` is `deny_unknown_fields`);
-/// durations in `parse_duration_minutes`'s grammar (1..=12 digits and a unit; the range, 1 m
-/// to ten years, is its own 400).
+/// A periodic anchor: an RFC 3339 instant on a whole minute (seconds `00`, any fraction zero) in
+/// the years `validate_instant` takes. Exact but for one day at either end of the range, where an
+/// offset moves the UTC year (the API judges the UTC instant).
+const WHOLE_MINUTE: &str = concat!(
+    r"^(?:19[7-9][0-9]|2[01][0-9]{2})-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])",
+    r"T(?:[01][0-9]|2[0-3]):[0-5][0-9]:00(?:\.0+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$",
+);
+const _: () = assert!(MIN_INSTANT_YEAR == 1970 && MAX_INSTANT_YEAR == 2199);
+
+/// A calendar `reset_at` as `parse_reset_at` takes it: `HH:MM`, 24-hour.
+const RESET_AT: &str = "^(?:[01][0-9]|2[0-3]):[0-5][0-9]$";
+
+const WEEKDAYS: [&str; 7] = [
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+];
+
+/// A window: one shape per kind (and, for calendar windows, weekly or not: only weeks start on
+/// another day than monday), unknown fields refused (`Window` is `deny_unknown_fields`);
+/// durations exactly as `parse_duration_minutes` takes them (`DURATION_PATTERN`), time zones by
+/// their IANA names, `reset_at` as `parse_reset_at` takes it.
 fn window() -> Value {
     let shape = |kind: &str, required: &[&str], mut props: Value| {
         props["kind"] = json!({"const": kind});
@@ -56,19 +82,35 @@ fn window() -> Value {
         req.extend_from_slice(required);
         json!({"type": "object", "required": req, "properties": props, "additionalProperties": false})
     };
-    let duration = json!({"type": "string", "pattern": "^[0-9]{1,12}[mhdw]$"});
-    let opt_text = json!({"type": ["string", "null"]});
+    let duration = json!({"type": "string", "pattern": tally_events::DURATION_PATTERN});
+    let mut zones: Vec<Value> = chrono_tz::TZ_VARIANTS
+        .iter()
+        .map(|z| z.name().into())
+        .collect();
+    zones.push(Value::Null);
+    let calendar = |units: &[&str], week_starts: &[&str]| {
+        let mut starts: Vec<Value> = week_starts.iter().map(|&d| d.into()).collect();
+        starts.push(Value::Null);
+        shape(
+            "calendar",
+            &["unit"],
+            json!({
+                "unit": one_of(units),
+                "timezone": {"type": ["string", "null"], "enum": zones},
+                "reset_at": {"type": ["string", "null"], "pattern": RESET_AT},
+                "week_start": {"type": ["string", "null"], "enum": starts},
+            }),
+        )
+    };
     json!({
         "type": "object",
         "oneOf": [
             shape("rolling", &["duration"], json!({"duration": duration})),
-            shape("calendar", &["unit"], json!({
-                "unit": one_of(&["day", "week", "month"]),
-                "timezone": opt_text, "reset_at": opt_text, "week_start": opt_text,
-            })),
+            calendar(&["week"], &WEEKDAYS),
+            calendar(&["day", "month"], &WEEKDAYS[..1]),
             shape("periodic", &["every"], json!({
                 "every": duration,
-                "anchor": {"type": ["string", "null"], "format": "date-time"},
+                "anchor": {"type": ["string", "null"], "format": "date-time", "pattern": WHOLE_MINUTE},
             })),
             shape("lifetime", &[], json!({})),
         ],
@@ -208,5 +250,54 @@ mod tests {
         assert_eq!(s["type"], json!(["string", "null"]));
         assert_eq!(s["enum"], json!(["a", "b", null]));
         assert_eq!(s["description"], "d");
+    }
+
+    fn matches(pattern: &str, text: &str) -> bool {
+        regex::Regex::new(pattern).expect("pattern").is_match(text)
+    }
+
+    /// The window rules hold to the validators: every `HH:MM`-like text, every IANA name, and
+    /// anchors on and off whole minutes, in and out of range, in every offset form.
+    #[test]
+    fn window_rules_are_the_validators() {
+        use tally_events::Window;
+        for h in 0..=99 {
+            for m in 0..=99 {
+                for text in [format!("{h:02}:{m:02}"), format!("{h}:{m:02}")] {
+                    let ok = tally_events::window::parse_reset_at("r", &text).is_ok();
+                    assert_eq!(matches(RESET_AT, &text), ok, "{text}");
+                }
+            }
+        }
+        let calendar = |tz: &str| Window::Calendar {
+            unit: tally_events::CalendarUnit::Day,
+            timezone: Some(tz.to_owned()),
+            reset_at: None,
+            week_start: None,
+        };
+        for z in chrono_tz::TZ_VARIANTS {
+            assert!(tally_events::rules::validate_window("", &calendar(z.name())).is_ok());
+        }
+        for anchor in [
+            "2026-11-25T10:00:00Z",
+            "2026-11-25T10:00:00.000Z",
+            "2026-11-25T10:00:00+05:30",
+            "1970-06-01T00:00:00Z",
+            "2199-06-30T23:59:00-08:00",
+            "2026-11-25T10:00:01Z",
+            "2026-11-25T10:00:00.5Z",
+            "2026-11-25T10:00:00.001+01:00",
+            "1969-06-01T00:00:00Z",
+            "2200-06-01T00:00:00Z",
+            "0001-01-01T00:00:00Z",
+        ] {
+            let at: chrono::DateTime<chrono::Utc> = anchor.parse().expect(anchor);
+            let w = Window::Periodic {
+                every: "1h".into(),
+                anchor: Some(at),
+            };
+            let ok = tally_events::rules::validate_window("", &w).is_ok();
+            assert_eq!(matches(WHOLE_MINUTE, anchor), ok, "{anchor}");
+        }
     }
 }

@@ -186,6 +186,18 @@ impl Metric {
         Metric::Credits,
     ];
 
+    /// The wire name (what serde writes).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metric::Requests => "requests",
+            Metric::InputTokens => "input_tokens",
+            Metric::OutputTokens => "output_tokens",
+            Metric::Tokens => "tokens",
+            Metric::Cost => "cost",
+            Metric::Credits => "credits",
+        }
+    }
+
     /// This metric's position in [`Metric::ALL`].
     pub fn index(self) -> usize {
         match self {
@@ -281,22 +293,40 @@ pub fn parse_duration_minutes(field: &str, text: &str) -> Result<i64, Error> {
         _ => return Err(bad()),
     };
     let digits = &text[..text.len() - unit.len_utf8()];
-    // Digits only: `+5h`, `-5h`, ` 5h` and `5.0h` are refused here, where the client hears the
-    // field it sent, not later by a stricter reader.
-    if digits.is_empty() || digits.len() > 12 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    // Digits only, no leading zero: `+5h`, `-5h`, ` 5h`, `5.0h` and `05h` are refused here,
+    // where the client hears the field it sent, not later by a stricter reader (and the
+    // document's pattern, `DURATION_PATTERN`, can state the grammar exactly).
+    if digits.is_empty()
+        || digits.len() > 12
+        || digits.starts_with('0') && digits != "0"
+        || !digits.bytes().all(|b| b.is_ascii_digit())
+    {
         return Err(bad());
     }
     let n: i64 = digits.parse().map_err(|_| bad())?;
-    // Ten years: longer "rolling" or "periodic" windows are lifetime windows in disguise.
-    const MAX_MINUTES: i64 = 10 * 366 * 24 * 60;
     match n.checked_mul(per_unit) {
-        Some(m) if (1..=MAX_MINUTES).contains(&m) => Ok(m),
+        Some(m) if (1..=MAX_DURATION_MINUTES).contains(&m) => Ok(m),
         _ => Err(Error::invalid(
             field,
-            format!("must be between 1m and {MAX_MINUTES}m"),
+            format!("must be between 1m and {MAX_DURATION_MINUTES}m"),
         )),
     }
 }
+
+/// Longest rolling or periodic window, ten years: longer ones are lifetime windows in disguise.
+pub const MAX_DURATION_MINUTES: i64 = 10 * 366 * 24 * 60;
+
+/// Exactly the durations [`parse_duration_minutes`] takes, as a regular expression (for the API
+/// document): per unit, the numbers 1..=[`MAX_DURATION_MINUTES`] in that unit (5,270,400 m,
+/// 87,840 h, 3,660 d, 522 w) without leading zeros. A unit test holds it to the parser.
+pub const DURATION_PATTERN: &str = concat!(
+    "^(?:",
+    "(?:[1-9][0-9]{0,5}|[1-4][0-9]{6}|5[01][0-9]{5}|52[0-6][0-9]{4}|5270[0-3][0-9]{2}|5270400)m",
+    "|(?:[1-9][0-9]{0,3}|[1-7][0-9]{4}|8[0-6][0-9]{3}|87[0-7][0-9]{2}|878[0-3][0-9]|87840)h",
+    "|(?:[1-9][0-9]{0,2}|[12][0-9]{3}|3[0-5][0-9]{2}|36[0-5][0-9]|3660)d",
+    "|(?:[1-9][0-9]?|[1-4][0-9]{2}|5[01][0-9]|52[0-2])w",
+    ")$"
+);
 
 /// How a check treats the request that crosses the limit (SPEC §4).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -320,6 +350,24 @@ pub enum OnExhausted {
     Disable,
     /// Never refuse; emit `threshold.crossed` once per window.
     Alert,
+}
+
+impl OnExhausted {
+    /// Every mode.
+    pub const ALL: [OnExhausted; 3] = [
+        OnExhausted::Reject,
+        OnExhausted::Disable,
+        OnExhausted::Alert,
+    ];
+
+    /// The wire name (what serde writes).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnExhausted::Reject => "reject",
+            OnExhausted::Disable => "disable",
+            OnExhausted::Alert => "alert",
+        }
+    }
 }
 
 /// Why an admission was refused (or could not be decided).
@@ -436,7 +484,17 @@ pub enum RefillInterval {
 
 #[cfg(test)]
 mod reason_tests {
-    use super::Reason;
+    use super::{DURATION_PATTERN, MAX_DURATION_MINUTES, Reason, parse_duration_minutes};
+
+    #[test]
+    fn metric_and_mode_names_are_the_wire_names() {
+        for m in super::Metric::ALL {
+            assert_eq!(serde_json::to_value(m).ok(), Some(m.as_str().into()));
+        }
+        for o in super::OnExhausted::ALL {
+            assert_eq!(serde_json::to_value(o).ok(), Some(o.as_str().into()));
+        }
+    }
 
     #[test]
     fn reason_names_are_the_wire_names() {
@@ -448,6 +506,30 @@ mod reason_tests {
             Reason::UnknownSubject,
         ] {
             assert_eq!(serde_json::to_value(r).ok(), Some(r.as_str().into()));
+        }
+    }
+
+    /// `DURATION_PATTERN` states exactly what `parse_duration_minutes` takes: every number of
+    /// every unit up to past the limit, leading zeros, signs and junk.
+    #[test]
+    fn the_duration_pattern_is_the_parser() {
+        let re = regex::Regex::new(DURATION_PATTERN).expect("pattern compiles");
+        let agree = |text: &str| {
+            let parsed = parse_duration_minutes("d", text).is_ok();
+            assert_eq!(re.is_match(text), parsed, "{text:?}: parser says {parsed}");
+        };
+        for (unit, per_unit) in [('m', 1), ('h', 60), ('d', 1440), ('w', 10_080)] {
+            let max = MAX_DURATION_MINUTES / per_unit;
+            let edges = (0..=20_000).chain(max - 20_000..max + 20_000);
+            for n in edges.chain([10 * max, 999_999_999_999, 1_000_000_000_000]) {
+                agree(&format!("{n}{unit}"));
+            }
+            for text in ["0", "00", "01", "007", "+5", "-5", " 5", "5.0", "", "1_0"] {
+                agree(&format!("{text}{unit}"));
+            }
+        }
+        for text in ["", "m", "5", "5s", "5M", "5mm", "5 m", "5m\n", "٣m"] {
+            agree(text);
         }
     }
 }

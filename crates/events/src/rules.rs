@@ -120,8 +120,8 @@ pub fn validate_chain_subject(field: &str, s: &Subject) -> Result<(), Error> {
     Ok(())
 }
 
-/// `subject.upserted` / `PUT /v1/subjects/{subject}`: the parent is a chain subject other than
-/// the subject itself, and the groups are valid and few. Cycles and depth need the stored
+/// `subject.upserted` / `PUT /v1/subjects/{subject}`: the parent is a chain subject, and the
+/// groups are valid and few. Cycles (a subject as its own parent included) and depth need the stored
 /// configuration and are checked by [`crate::quota::Config::parent_conflict`].
 pub fn validate_subject_upsert(
     prefix: &str,
@@ -130,13 +130,11 @@ pub fn validate_subject_upsert(
 ) -> Result<(), Error> {
     validate_chain_subject(&field(prefix, "subject"), subject)?;
     if let Some(p) = &d.parent {
-        let f = field(prefix, "parent");
-        if p == subject {
-            return Err(Error::invalid(f, "a subject cannot be its own parent"));
-        }
+        // A subject as its own parent is the shortest cycle: refused with the other cycles
+        // (409, SPEC §4) by `parent_conflict`, which the fold applies too.
         if p.kind() == "group" {
             return Err(Error::invalid(
-                f,
+                field(prefix, "parent"),
                 "a group is a per-member template, never a parent (a shared pool is a chain subject)",
             ));
         }
@@ -342,8 +340,13 @@ mod tests {
         };
         let e = validate_subject_upsert("", &s, &up("group:pro")).unwrap_err();
         assert_eq!(e.field(), Some("parent"));
-        let e = validate_subject_upsert("", &s, &up("user:u")).unwrap_err();
-        assert_eq!(e.field(), Some("parent"));
         assert!(validate_subject_upsert("", &s, &up("team:t")).is_ok());
+        // Its own parent is a cycle, refused (409) by the configuration, like every cycle.
+        assert!(validate_subject_upsert("", &s, &up("user:u")).is_ok());
+        let config = crate::quota::Config::default();
+        assert_eq!(
+            config.parent_conflict(&s, &s),
+            Some(crate::quota::ParentConflict::Cycle)
+        );
     }
 }

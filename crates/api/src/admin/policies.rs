@@ -26,6 +26,9 @@ pub struct PolicyIn {
     /// `requests`, `input_tokens`, `output_tokens`, `tokens`, `cost` or `credits`.
     #[schema(value_type = String)]
     metric: Metric,
+    /// Required, an integer > 0: a policy without a limit would enforce nothing.
+    // An `Option` only so that a missing limit gets that message rather than serde's.
+    #[schema(value_type = i64, required = true)]
     limit: Option<i64>,
     /// `{"kind": "rolling"|"calendar"|"periodic"|"lifetime", …}` (SPEC §3).
     #[schema(value_type = Object)]
