@@ -567,6 +567,12 @@ proptest! {
                 let d = w.q.decide(&ask);
                 check_decision(&d);
                 prop_assert_eq!(&d.checks, &w.pruned.decide(&ask).checks, "pruning changed a decision");
+                // The projection's cheap totals are the decision's numbers, pool for pool.
+                let totals: Vec<_> = w.q.pool_totals(&leaf, Some(model), w.now).into_iter()
+                    .map(|t| (t.policy.data.policy_id.clone(), t.pool, t.window, t.limit, t.used)).collect();
+                let checks: Vec<_> = d.checks.iter().filter(|c| c.policy_id != "credits")
+                    .map(|c| (c.policy_id.clone(), c.subject.clone(), c.window, c.limit, c.used)).collect();
+                prop_assert_eq!(totals, checks, "pool totals differ from the decision");
                 for c in d.checks.iter().filter(|c| c.policy_id != "credits") {
                     let p = w.q.config.policy(&c.policy_id).expect("a check names a live policy");
                     let full = c.used.saturating_add(c.reserved) >= c.limit;

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
-use tally_events::quota::{AdmitRequest, CREDITS_CHECK, PolicyConf, QuotaState};
-use tally_events::{Envelope, EventData, Subject, Usage};
+use tally_events::quota::QuotaState;
+use tally_events::{Envelope, EventData, Subject};
 
 use crate::Error;
 use crate::tables::Tables;
@@ -73,10 +73,10 @@ pub(crate) struct WindowRow {
     window_key: Option<DateTime<Utc>>,
     start: Option<DateTime<Utc>>,
     end: Option<DateTime<Utc>>,
-    metric: String,
+    metric: &'static str,
     limit: i64,
     used: i64,
-    on_exhausted: String,
+    on_exhausted: &'static str,
     /// Event time of the first event in the batch that found the window exhausted.
     exhausted_at: Option<DateTime<Utc>>,
 }
@@ -99,41 +99,25 @@ impl WindowRows {
     }
 }
 
-fn text<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 /// Every pool an admission of (leaf, model) at t would check, with its totals at t.
 pub(crate) fn window_rows(
     state: &QuotaState,
     (leaf, model, at): &(Subject, Option<String>, DateTime<Utc>),
 ) -> Vec<WindowRow> {
-    let d = state.decide(&AdmitRequest {
-        leaf,
-        model: model.as_deref(),
-        estimate: Usage::default(),
-        credits: Some(0),
-        at: *at,
-    });
-    let policy = |id: &str| state.config.policy(id);
-    d.checks
-        .iter()
-        .filter(|c| c.policy_id != CREDITS_CHECK)
-        .filter_map(|c| Some((c, policy(&c.policy_id)?)))
-        .map(|(c, p): (_, &PolicyConf)| WindowRow {
-            policy_id: c.policy_id.clone(),
-            subject: c.subject.to_string(),
-            window_key: c.window.filter(|_| p.windowed()).map(|w| w.start),
-            start: c.window.map(|w| w.start),
-            end: c.window.map(|w| w.end),
-            metric: text(&c.metric),
-            limit: c.limit,
-            used: c.used,
-            on_exhausted: text(&p.data.on_exhausted),
-            exhausted_at: (c.used >= c.limit).then_some(*at),
+    state
+        .pool_totals(leaf, model.as_deref(), *at)
+        .into_iter()
+        .map(|t| WindowRow {
+            policy_id: t.policy.data.policy_id.clone(),
+            subject: t.pool.to_string(),
+            window_key: t.window.filter(|_| t.policy.windowed()).map(|w| w.start),
+            start: t.window.map(|w| w.start),
+            end: t.window.map(|w| w.end),
+            metric: t.policy.data.metric.as_str(),
+            limit: t.limit,
+            used: t.used,
+            on_exhausted: t.policy.data.on_exhausted.as_str(),
+            exhausted_at: (t.used >= t.limit).then_some(*at),
         })
         .collect()
 }
@@ -375,10 +359,10 @@ async fn write_windows(tx: &mut PgConnection, t: Tables, w: &[WindowRow]) -> Res
     .bind(col(|r| r.window_key))
     .bind(col(|r| r.start))
     .bind(col(|r| r.end))
-    .bind(text(|r| &r.metric))
+    .bind(text(|r| r.metric))
     .bind(num(|r| r.limit))
     .bind(num(|r| r.used))
-    .bind(text(|r| &r.on_exhausted))
+    .bind(text(|r| r.on_exhausted))
     .bind(col(|r| r.exhausted_at))
     .execute(&mut *tx)
     .await?;

@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use super::config::PolicyConf;
 use super::state::{CREDITS_CHECK, QuotaState};
 use crate::envelope::ThresholdCrossed;
-use crate::model::{Boundary, Check, Metric, OnExhausted, Outcome, Reason, Subject, Usage};
+use crate::model::{
+    Boundary, Check, Metric, OnExhausted, Outcome, Reason, Subject, Usage, WindowBounds,
+};
 use crate::window::WindowSpec;
 
 /// What is asked.
@@ -24,6 +26,23 @@ pub struct AdmitRequest<'a> {
     pub credits: Option<i64>,
     /// Event time.
     pub at: DateTime<Utc>,
+}
+
+/// One pool a request is checked against, with its totals at the request's time: what the quota
+/// projection writes per request. The same numbers as the decision's check for that pool, without
+/// what only a decision needs (reservations, retry times, credits, alerts).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolTotals<'a> {
+    /// The policy (after max-merging by shape).
+    pub policy: &'a PolicyConf,
+    /// Pool subject.
+    pub pool: Subject,
+    /// The window containing the time; `None` for lifetime windows.
+    pub window: Option<WindowBounds>,
+    /// Limit including grants.
+    pub limit: i64,
+    /// Settled usage in the window.
+    pub used: i64,
 }
 
 /// What to do with a subject nobody configured (`--unknown-subjects`).
@@ -272,6 +291,30 @@ impl QuotaState {
     /// Decide an admission.
     pub fn decide(&self, req: &AdmitRequest<'_>) -> Decision {
         self.decide_with(req, UnknownSubjects::Admit)
+    }
+
+    /// Every pool an admission of `leaf` and `model` at `t` would check (credits aside), in
+    /// [`Self::decide`]'s order, with its limit, used and window: a decision's checks at a
+    /// fraction of the cost (a replay computes these after every request it folds).
+    pub fn pool_totals(
+        &self,
+        leaf: &Subject,
+        model: Option<&str>,
+        t: DateTime<Utc>,
+    ) -> Vec<PoolTotals<'_>> {
+        let r = self.resolve(leaf, model);
+        let candidates = self.candidates(&r);
+        let mut out = Vec::with_capacity(candidates.len());
+        for c in candidates {
+            out.push(PoolTotals {
+                window: c.policy.spec.bounds(t),
+                limit: self.limit_of(c.policy, &c.pool, t),
+                used: self.used(c.policy, &c.pool, t),
+                policy: c.policy,
+                pool: c.pool,
+            });
+        }
+        out
     }
 
     /// Whether anyone configured `s`: an upserted subject, a policy on it, or a credit balance.

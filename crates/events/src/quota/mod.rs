@@ -19,7 +19,7 @@ pub use config::{
     MAX_POLICIES_PER_SUBJECT, ParentConflict, PolicyConf, SubjectConf,
 };
 pub use credits::{Account, last_refill_at, next_refill_after};
-pub use decide::{AdmitRequest, Decision, Resolved, UnknownSubjects};
+pub use decide::{AdmitRequest, Decision, PoolTotals, Resolved, UnknownSubjects};
 pub use snapshot::{SNAPSHOT_FORMAT, SnapshotMeta};
 pub use state::{
     CREDITS_CHECK, CreditAnswer, DEFAULT_IDEMPOTENCY_MINUTES, MAX_ALERTED, MAX_APPLIED_IDS,
