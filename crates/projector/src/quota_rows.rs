@@ -130,10 +130,13 @@ type CreditRow = (
     Option<DateTime<Utc>>,
 );
 
+/// A subject row: name, parent, groups, disabled.
+type SubjectRow = (String, Option<String>, Vec<String>, bool);
+
 /// Rows to write, computed under the lock and written after it.
 #[derive(Default)]
 pub(crate) struct Rows {
-    subjects: Vec<(String, Option<String>, Vec<String>, bool)>,
+    subjects: Vec<SubjectRow>,
     absent_subjects: Vec<String>,
     retired: Vec<String>,
     model_groups: Vec<(String, Option<Vec<String>>)>,
@@ -203,15 +206,7 @@ impl Rows {
         t: Tables,
         now: DateTime<Utc>,
     ) -> Result<(), Error> {
-        for (s, parent, groups, disabled) in &self.subjects {
-            sqlx::query(&format!(
-                "INSERT INTO {} (subject, parent, groups, disabled, updated_at) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (subject) DO UPDATE SET parent = $2, groups = $3, disabled = $4, updated_at = $5",
-                t.name("cfg_subjects")
-            ))
-            .bind(s).bind(parent).bind(groups).bind(disabled).bind(now)
-            .execute(&mut *tx).await?;
-        }
+        write_subjects(tx, t, &self.subjects, now).await?;
         let absent: Vec<&String> = self.absent_subjects.iter().collect();
         delete_where(tx, &t.name("cfg_subjects"), "subject", &absent).await?;
         let retired: Vec<&String> = self.retired.iter().collect();
@@ -230,81 +225,133 @@ impl Rows {
                     .bind(m)
                     .bind(now)
                     .execute(&mut *tx)
-                    .await?
+                    .await?;
                 }
                 None => delete_where(tx, &t.name("cfg_model_groups"), "name", &[name]).await?,
-            };
+            }
         }
-        for (id, p) in &self.policies {
-            write_policy(tx, t, id, p.as_ref(), now).await?;
-        }
-        for (id, g) in &self.grants {
-            write_grant(tx, t, id, g.as_ref()).await?;
-        }
-        Ok(())
+        write_policies(tx, t, &self.policies, now).await?;
+        write_grants(tx, t, &self.grants).await
     }
 }
 
+/// Every touched subject in one statement (a batch of configuration can hold thousands: a
+/// replay's first pages are the whole configuration). Groups travel as JSON arrays: `UNNEST`
+/// cannot take an array of arrays of different lengths.
+async fn write_subjects(
+    tx: &mut PgConnection,
+    t: Tables,
+    subjects: &[SubjectRow],
+    now: DateTime<Utc>,
+) -> Result<(), Error> {
+    if subjects.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = subjects.iter().map(|s| s.0.as_str()).collect();
+    let parents: Vec<Option<&str>> = subjects.iter().map(|s| s.1.as_deref()).collect();
+    let groups: Vec<serde_json::Value> = subjects.iter().map(|s| s.2.clone().into()).collect();
+    let disabled: Vec<bool> = subjects.iter().map(|s| s.3).collect();
+    sqlx::query(&format!(
+        "INSERT INTO {} (subject, parent, groups, disabled, updated_at) \
+         SELECT s, p, ARRAY(SELECT jsonb_array_elements_text(g)), d, $5 \
+         FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::bool[]) AS u(s, p, g, d) \
+         ON CONFLICT (subject) DO UPDATE SET parent = EXCLUDED.parent, groups = EXCLUDED.groups, \
+           disabled = EXCLUDED.disabled, updated_at = EXCLUDED.updated_at",
+        t.name("cfg_subjects")
+    ))
+    .bind(names)
+    .bind(parents)
+    .bind(groups)
+    .bind(disabled)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Delete the rows whose `column` is one of `keys` (nothing to send when there are none: most
+/// batches retire nothing).
 async fn delete_where(
     tx: &mut PgConnection,
     table: &str,
     column: &str,
     keys: &[&String],
-) -> Result<sqlx::postgres::PgQueryResult, Error> {
-    Ok(
-        sqlx::query(&format!("DELETE FROM {table} WHERE {column} = ANY($1)"))
-            .bind(keys)
-            .execute(&mut *tx)
-            .await?,
-    )
+) -> Result<(), Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(&format!("DELETE FROM {table} WHERE {column} = ANY($1)"))
+        .bind(keys)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
-async fn write_policy(
+/// Touched policies: the live ones upserted in one statement, the deleted ones deleted in one.
+async fn write_policies(
     tx: &mut PgConnection,
     t: Tables,
-    id: &str,
-    p: Option<&serde_json::Value>,
+    policies: &[(String, Option<serde_json::Value>)],
     now: DateTime<Utc>,
 ) -> Result<(), Error> {
     let table = t.name("cfg_policies");
-    let Some(p) = p else {
-        delete_where(tx, &table, "policy_id", &[&id.to_owned()]).await?;
+    let gone: Vec<&String> = policies
+        .iter()
+        .filter(|p| p.1.is_none())
+        .map(|p| &p.0)
+        .collect();
+    delete_where(tx, &table, "policy_id", &gone).await?;
+    let (ids, bodies): (Vec<&str>, Vec<&serde_json::Value>) = policies
+        .iter()
+        .filter_map(|(id, p)| Some((id.as_str(), p.as_ref()?)))
+        .unzip();
+    if ids.is_empty() {
         return Ok(());
-    };
+    }
     sqlx::query(&format!(
         "INSERT INTO {table} (policy_id, subject, model_group, metric, \"limit\", \"window\", boundary, \
            on_exhausted, enabled, created_at, updated_at) \
-         SELECT $1, p->>'subject', p->>'model_group', p->>'metric', (p->>'limit')::bigint, p->'window', \
+         SELECT i, p->>'subject', p->>'model_group', p->>'metric', (p->>'limit')::bigint, p->'window', \
            p->>'boundary', p->>'on_exhausted', (p->>'enabled')::boolean, (p->>'created_at')::timestamptz, $3 \
-         FROM (SELECT $2::jsonb AS p) t \
+         FROM UNNEST($1::text[], $2::jsonb[]) AS u(i, p) \
          ON CONFLICT (policy_id) DO UPDATE SET subject = EXCLUDED.subject, model_group = EXCLUDED.model_group, \
            metric = EXCLUDED.metric, \"limit\" = EXCLUDED.\"limit\", \"window\" = EXCLUDED.\"window\", \
            boundary = EXCLUDED.boundary, on_exhausted = EXCLUDED.on_exhausted, enabled = EXCLUDED.enabled, \
            updated_at = EXCLUDED.updated_at"
     ))
-    .bind(id).bind(p).bind(now)
+    .bind(ids).bind(bodies).bind(now)
     .execute(&mut *tx).await?;
     Ok(())
 }
 
-async fn write_grant(
+/// Touched grants: issued ones inserted in one statement (a grant never changes), revoked ones
+/// deleted in one.
+async fn write_grants(
     tx: &mut PgConnection,
     t: Tables,
-    id: &str,
-    g: Option<&serde_json::Value>,
+    grants: &[(String, Option<serde_json::Value>)],
 ) -> Result<(), Error> {
     let table = t.name("cfg_grants");
-    let Some(g) = g else {
-        delete_where(tx, &table, "grant_id", &[&id.to_owned()]).await?;
+    let gone: Vec<&String> = grants
+        .iter()
+        .filter(|g| g.1.is_none())
+        .map(|g| &g.0)
+        .collect();
+    delete_where(tx, &table, "grant_id", &gone).await?;
+    let (ids, bodies): (Vec<&str>, Vec<&serde_json::Value>) = grants
+        .iter()
+        .filter_map(|(id, g)| Some((id.as_str(), g.as_ref()?)))
+        .unzip();
+    if ids.is_empty() {
         return Ok(());
-    };
+    }
     sqlx::query(&format!(
         "INSERT INTO {table} (grant_id, subject, model_group, metric, amount, window_kind, starts_at, expires_at) \
-         SELECT $1, g->>'subject', g->>'model_group', g->>'metric', (g->>'amount')::bigint, g->>'window_kind', \
+         SELECT i, g->>'subject', g->>'model_group', g->>'metric', (g->>'amount')::bigint, g->>'window_kind', \
            (g->>'starts_at')::timestamptz, (g->>'expires_at')::timestamptz \
-         FROM (SELECT $2::jsonb AS g) t ON CONFLICT (grant_id) DO NOTHING"
+         FROM UNNEST($1::text[], $2::jsonb[]) AS u(i, g) ON CONFLICT (grant_id) DO NOTHING"
     ))
-    .bind(id).bind(g)
+    .bind(ids).bind(bodies)
     .execute(&mut *tx).await?;
     Ok(())
 }
