@@ -20,7 +20,7 @@ use tally_events::quota::{QuotaState, horizons};
 
 use crate::Error;
 use crate::claims::{Claim, ClaimsFuture, DayRange};
-use crate::quota_rows::{Rows, Touched, WindowRows, window_rows};
+use crate::quota_rows::{Rows, Touched, WindowRows};
 use crate::runner::{ApplyFuture, Order, Projection};
 use crate::tables::Tables;
 
@@ -288,10 +288,8 @@ impl Projection for QuotaProjection {
                     q.apply(env);
                     let before = touched.requests.len();
                     touched.note(env);
-                    // Pools are computed right after the event that touched them, so the first
-                    // event that exhausts a window is the one recorded, not the batch's last.
                     for r in &touched.requests[before..] {
-                        windows.merge(window_rows(q, r));
+                        windows.add(q, r);
                     }
                 }
                 Rows::of(q, &touched, windows)

@@ -2,6 +2,7 @@
 //! the fold under its lock, then written in a handful of statements (pool windows and balances
 //! in one `UNNEST` each: a batch touches thousands of them).
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
@@ -59,18 +60,19 @@ impl Touched {
     }
 
     fn request(&mut self, chain: &[Subject], model: &Option<String>, at: DateTime<Utc>) {
-        self.credits.extend(chain.iter().cloned());
+        for s in chain {
+            if !self.credits.contains(s) {
+                self.credits.insert(s.clone());
+            }
+        }
         if let Some(leaf) = chain.first() {
             self.requests.push((leaf.clone(), model.clone(), at));
         }
     }
 }
 
-/// One pool in one window.
+/// One pool in one window (its policy, subject and window key are its key in [`WindowRows`]).
 pub(crate) struct WindowRow {
-    policy_id: String,
-    subject: String,
-    window_key: Option<DateTime<Utc>>,
     start: Option<DateTime<Utc>>,
     end: Option<DateTime<Utc>>,
     metric: &'static str,
@@ -81,6 +83,7 @@ pub(crate) struct WindowRow {
     exhausted_at: Option<DateTime<Utc>>,
 }
 
+/// Policy id, pool subject, window start (None for rolling and lifetime windows).
 type WindowKey = (String, String, Option<DateTime<Utc>>);
 
 /// Latest totals per pool and window in a batch, keeping the first exhaustion time.
@@ -88,38 +91,42 @@ type WindowKey = (String, String, Option<DateTime<Utc>>);
 pub(crate) struct WindowRows(BTreeMap<WindowKey, WindowRow>);
 
 impl WindowRows {
-    pub(crate) fn merge(&mut self, rows: Vec<WindowRow>) {
-        for mut row in rows {
-            let key = (row.policy_id.clone(), row.subject.clone(), row.window_key);
-            if let Some(old) = self.0.get(&key) {
-                row.exhausted_at = row.exhausted_at.and(old.exhausted_at.or(row.exhausted_at));
+    /// Every pool an admission of (leaf, model) at t would check, with its totals at t, merged
+    /// in: called right after the event that touched them, so the first event that exhausts a
+    /// window is the one recorded, not the batch's last.
+    pub(crate) fn add(
+        &mut self,
+        state: &QuotaState,
+        (leaf, model, at): &(Subject, Option<String>, DateTime<Utc>),
+    ) {
+        for t in state.pool_totals(leaf, model.as_deref(), *at) {
+            let p = &t.policy.data;
+            let key = (
+                p.policy_id.clone(),
+                t.pool.to_string(),
+                t.window.filter(|_| t.policy.windowed()).map(|w| w.start),
+            );
+            let mut row = WindowRow {
+                start: t.window.map(|w| w.start),
+                end: t.window.map(|w| w.end),
+                metric: p.metric.as_str(),
+                limit: t.limit,
+                used: t.used,
+                on_exhausted: p.on_exhausted.as_str(),
+                exhausted_at: (t.used >= t.limit).then_some(*at),
+            };
+            match self.0.entry(key) {
+                Entry::Vacant(v) => {
+                    v.insert(row);
+                }
+                Entry::Occupied(mut o) => {
+                    let first = o.get().exhausted_at;
+                    row.exhausted_at = row.exhausted_at.and(first.or(row.exhausted_at));
+                    o.insert(row);
+                }
             }
-            self.0.insert(key, row);
         }
     }
-}
-
-/// Every pool an admission of (leaf, model) at t would check, with its totals at t.
-pub(crate) fn window_rows(
-    state: &QuotaState,
-    (leaf, model, at): &(Subject, Option<String>, DateTime<Utc>),
-) -> Vec<WindowRow> {
-    state
-        .pool_totals(leaf, model.as_deref(), *at)
-        .into_iter()
-        .map(|t| WindowRow {
-            policy_id: t.policy.data.policy_id.clone(),
-            subject: t.pool.to_string(),
-            window_key: t.window.filter(|_| t.policy.windowed()).map(|w| w.start),
-            start: t.window.map(|w| w.start),
-            end: t.window.map(|w| w.end),
-            metric: t.policy.data.metric.as_str(),
-            limit: t.limit,
-            used: t.used,
-            on_exhausted: t.policy.data.on_exhausted.as_str(),
-            exhausted_at: (t.used >= t.limit).then_some(*at),
-        })
-        .collect()
 }
 
 /// A credit balance row: subject, balance, refill schedule, last refill.
@@ -143,14 +150,14 @@ pub(crate) struct Rows {
     policies: Vec<(String, Option<serde_json::Value>)>,
     grants: Vec<(String, Option<serde_json::Value>)>,
     credits: Vec<CreditRow>,
-    pub(crate) windows: Vec<WindowRow>,
+    pub(crate) windows: Vec<(WindowKey, WindowRow)>,
 }
 
 impl Rows {
     pub(crate) fn of(state: &QuotaState, t: &Touched, windows: WindowRows) -> Rows {
         let mut rows = Rows {
             retired: t.retired.iter().map(|s| s.to_string()).collect(),
-            windows: windows.0.into_values().collect(),
+            windows: windows.0.into_iter().collect(),
             ..Rows::default()
         };
         for s in &t.subjects {
@@ -381,13 +388,18 @@ async fn write_credits(
     Ok(())
 }
 
-async fn write_windows(tx: &mut PgConnection, t: Tables, w: &[WindowRow]) -> Result<(), Error> {
+async fn write_windows(
+    tx: &mut PgConnection,
+    t: Tables,
+    w: &[(WindowKey, WindowRow)],
+) -> Result<(), Error> {
     if w.is_empty() {
         return Ok(());
     }
-    let col = |f: fn(&WindowRow) -> Option<DateTime<Utc>>| w.iter().map(f).collect::<Vec<_>>();
-    let text = |f: fn(&WindowRow) -> &str| w.iter().map(f).collect::<Vec<_>>();
-    let num = |f: fn(&WindowRow) -> i64| w.iter().map(f).collect::<Vec<_>>();
+    type Row = (WindowKey, WindowRow);
+    let col = |f: fn(&Row) -> Option<DateTime<Utc>>| w.iter().map(f).collect::<Vec<_>>();
+    let text = |f: fn(&Row) -> &str| w.iter().map(f).collect::<Vec<_>>();
+    let num = |f: fn(&Row) -> i64| w.iter().map(f).collect::<Vec<_>>();
     let table = t.name("quota_windows");
     sqlx::query(&format!(
         "INSERT INTO {table} AS q (policy_id, subject, window_key, window_start, window_end, metric, \"limit\", used, \
@@ -401,16 +413,16 @@ async fn write_windows(tx: &mut PgConnection, t: Tables, w: &[WindowRow]) -> Res
            exhausted_at = CASE WHEN EXCLUDED.exhausted_at IS NOT NULL THEN COALESCE(q.exhausted_at, EXCLUDED.exhausted_at) END, \
            updated_at = clock_timestamp()"
     ))
-    .bind(text(|r| &r.policy_id))
-    .bind(text(|r| &r.subject))
-    .bind(col(|r| r.window_key))
-    .bind(col(|r| r.start))
-    .bind(col(|r| r.end))
-    .bind(text(|r| r.metric))
-    .bind(num(|r| r.limit))
-    .bind(num(|r| r.used))
-    .bind(text(|r| r.on_exhausted))
-    .bind(col(|r| r.exhausted_at))
+    .bind(text(|(k, _)| &k.0))
+    .bind(text(|(k, _)| &k.1))
+    .bind(col(|(k, _)| k.2))
+    .bind(col(|(_, r)| r.start))
+    .bind(col(|(_, r)| r.end))
+    .bind(text(|(_, r)| r.metric))
+    .bind(num(|(_, r)| r.limit))
+    .bind(num(|(_, r)| r.used))
+    .bind(text(|(_, r)| r.on_exhausted))
+    .bind(col(|(_, r)| r.exhausted_at))
     .execute(&mut *tx)
     .await?;
     Ok(())
