@@ -88,6 +88,9 @@ pub struct Config {
     pub(super) policies: BTreeMap<String, PolicyConf>,
     pub(super) policies_of: HashMap<Subject, Vec<String>>,
     pub(super) grants: BTreeMap<String, (Subject, GrantIssued)>,
+    /// Grant ids by the subject they were written for: every check of every decision asks for
+    /// the grants of its pool, which must not cost a scan of every grant in the deployment.
+    pub(super) grants_of: HashMap<Subject, BTreeSet<String>>,
 }
 
 impl Config {
@@ -108,13 +111,8 @@ impl Config {
             EventData::ModelGroupDeleted(d) => self.set_model_group(&d.name, &[]),
             EventData::PolicyUpserted(d) => self.upsert_policy(d, env.occurred_at),
             EventData::PolicyDeleted(d) => self.delete_policy(&d.id),
-            EventData::GrantIssued(d) => {
-                self.grants
-                    .insert(d.grant_id.clone(), (d.subject.clone(), d.clone()));
-            }
-            EventData::GrantRevoked(d) => {
-                self.grants.remove(&d.id);
-            }
+            EventData::GrantIssued(d) => self.insert_grant(d.subject.clone(), d.clone()),
+            EventData::GrantRevoked(d) => self.remove_grant(&d.id),
             _ => {}
         }
     }
@@ -162,7 +160,31 @@ impl Config {
         for id in ids {
             self.delete_policy(&id);
         }
-        self.grants.retain(|_, (g, _)| g != s);
+        for id in self.grants_of.remove(s).unwrap_or_default() {
+            self.grants.remove(&id);
+        }
+    }
+
+    /// Add (or replace) a grant, keeping the index by subject.
+    pub(super) fn insert_grant(&mut self, subject: Subject, g: GrantIssued) {
+        self.remove_grant(&g.grant_id);
+        self.grants_of
+            .entry(subject.clone())
+            .or_default()
+            .insert(g.grant_id.clone());
+        self.grants.insert(g.grant_id.clone(), (subject, g));
+    }
+
+    fn remove_grant(&mut self, id: &str) {
+        let Some((subject, _)) = self.grants.remove(id) else {
+            return;
+        };
+        if let Some(ids) = self.grants_of.get_mut(&subject) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.grants_of.remove(&subject);
+            }
+        }
     }
 
     fn set_model_group(&mut self, name: &str, models: &[String]) {
@@ -349,17 +371,20 @@ impl Config {
         pool: &'a Subject,
     ) -> impl Iterator<Item = &'a GrantIssued> {
         let p = &policy.data;
-        self.grants
-            .values()
-            .filter(move |(s, g)| {
-                (s == pool || *s == p.subject)
-                    && g.metric == p.metric
+        let other = (p.subject != *pool).then_some(&p.subject);
+        [Some(pool), other]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| self.grants_of.get(s))
+            .flatten()
+            .filter_map(|id| self.grants.get(id).map(|(_, g)| g))
+            .filter(move |g| {
+                g.metric == p.metric
                     && g.model_group == p.model_group
                     && g.window_kind
                         .as_deref()
                         .is_none_or(|k| k == policy.spec.kind())
             })
-            .map(|(_, g)| g)
     }
 
     /// A grant by id.
@@ -459,5 +484,81 @@ mod tests {
             up.parent_conflict(&s(&last), &s("key:k0")),
             Some(ParentConflict::Cycle)
         );
+    }
+
+    /// Grants are found through their subject, so a deployment's thousands of grants cost a
+    /// check nothing; re-issuing an id under another subject, revoking it and retiring its
+    /// subject keep the index exact.
+    #[test]
+    fn grants_are_found_by_subject_and_the_index_stays_exact() {
+        use crate::envelope::{GrantIssued, IdOnly, PolicyUpserted};
+        use crate::model::{Boundary, Metric, OnExhausted, Window};
+        let t0 = Utc::now();
+        let mut c = Config::default();
+        let event = |data, subject: Option<Subject>| Envelope::new(data, t0, None, subject);
+        c.apply(&event(
+            EventData::PolicyUpserted(PolicyUpserted {
+                policy_id: "p".into(),
+                subject: s("key:k1"),
+                model_group: None,
+                metric: Metric::Cost,
+                limit: 10,
+                window: Window::Lifetime {},
+                boundary: Boundary::Strict,
+                on_exhausted: OnExhausted::Reject,
+                enabled: true,
+            }),
+            Some(s("key:k1")),
+        ));
+        let grant = |id: &str, subject: &str, amount: i64| GrantIssued {
+            grant_id: id.into(),
+            subject: s(subject),
+            model_group: None,
+            metric: Metric::Cost,
+            amount,
+            window_kind: None,
+            starts_at: t0 - chrono::Duration::hours(1),
+            expires_at: t0 + chrono::Duration::hours(1),
+        };
+        for i in 0..5_000 {
+            c.apply(&event(
+                EventData::GrantIssued(grant(&format!("g{i}"), &format!("key:o{i}"), 1)),
+                None,
+            ));
+        }
+        c.apply(&event(
+            EventData::GrantIssued(grant("mine", "key:k1", 7)),
+            None,
+        ));
+        let k1 = s("key:k1");
+        let total = |c: &Config| c.grant_total(c.policy("p").expect("policy"), &k1, t0);
+        assert_eq!(total(&c), 7);
+        // The same id again under another subject moves it.
+        c.apply(&event(
+            EventData::GrantIssued(grant("mine", "key:o1", 7)),
+            None,
+        ));
+        assert_eq!(total(&c), 0);
+        assert_eq!(c.grants_of.get(&s("key:o1")).map(BTreeSet::len), Some(2));
+        c.apply(&event(
+            EventData::GrantIssued(grant("back", "key:k1", 3)),
+            None,
+        ));
+        assert_eq!(total(&c), 3);
+        c.apply(&event(
+            EventData::GrantRevoked(IdOnly { id: "back".into() }),
+            None,
+        ));
+        assert_eq!(total(&c), 0);
+        assert!(!c.grants_of.contains_key(&k1), "an empty entry is dropped");
+        c.apply(&event(
+            EventData::SubjectDeleted(Default::default()),
+            Some(s("key:o1")),
+        ));
+        assert!(c.grant("mine").is_none() && c.grant("g1").is_none());
+        assert!(!c.grants_of.contains_key(&s("key:o1")));
+        assert_eq!(c.grants().count(), 4_999);
+        let indexed: usize = c.grants_of.values().map(BTreeSet::len).sum();
+        assert_eq!(indexed, 4_999);
     }
 }

@@ -165,11 +165,9 @@ impl Config {
             );
         }
         c.policies_of = b.policies_of.into_iter().collect();
-        c.grants = b
-            .grants
-            .into_iter()
-            .map(|(s, g)| (g.grant_id.clone(), (s, g)))
-            .collect();
+        for (s, g) in b.grants {
+            c.insert_grant(s, g);
+        }
         Ok(c)
     }
 }
