@@ -160,10 +160,19 @@ fn shift_reserved(
         if delta == 0 {
             continue;
         }
-        let slot = reserved.entry(key.clone()).or_insert(0);
-        *slot = slot.saturating_add(delta).max(0);
-        if *slot == 0 {
-            reserved.remove(key);
+        // The key is copied only when the pool holds nothing yet (`entry` would copy it for
+        // every release and settlement too).
+        match reserved.get_mut(key) {
+            Some(slot) => {
+                *slot = slot.saturating_add(delta).max(0);
+                if *slot == 0 {
+                    reserved.remove(key);
+                }
+            }
+            None if delta > 0 => {
+                reserved.insert(key.clone(), delta);
+            }
+            None => {}
         }
     }
     if let Some(pool) = &open.credit_pool {
