@@ -278,6 +278,24 @@ mod tests {
         for z in chrono_tz::TZ_VARIANTS {
             assert!(tally_events::rules::validate_window("", &calendar(z.name())).is_ok());
         }
+        let weekly = |day: &str| Window::Calendar {
+            unit: tally_events::CalendarUnit::Week,
+            timezone: None,
+            reset_at: None,
+            week_start: Some(day.to_owned()),
+        };
+        for day in WEEKDAYS {
+            assert!(
+                tally_events::rules::validate_window("", &weekly(day)).is_ok(),
+                "{day}"
+            );
+        }
+        for day in ["Monday", "mon", "", "funday"] {
+            assert!(
+                tally_events::rules::validate_window("", &weekly(day)).is_err(),
+                "{day}"
+            );
+        }
         for anchor in [
             "2026-11-25T10:00:00Z",
             "2026-11-25T10:00:00.000Z",
