@@ -264,15 +264,8 @@ async fn nats_killed_under_load_fails_closed_and_loses_nothing() {
         during.iter().all(|o| o.admit_status == 503),
         "nothing is admitted while NATS is down (fail-closed)"
     );
-    // Wait for every acknowledged event by id, not for a row count: publishes in flight at the
-    // kill (answered 503) may land too, so the count can be reached while the last
-    // acknowledged rows are still on their way to the ledger.
     env.eventually("the ledger holds every acknowledged event", || async {
-        let rows = load::ledger_rows(env.pool()).await;
-        outcomes.iter().all(|o| {
-            let (adm, set) = rows.get(&o.request_id).copied().unwrap_or((0, 0));
-            (o.admit_status != 200 || adm > 0) && (o.settle_status != Some(202) || set > 0)
-        })
+        load::acknowledged_missing(&load::ledger_rows(env.pool()).await, &outcomes) == 0
     })
     .await;
     let rows = load::ledger_rows(env.pool()).await;

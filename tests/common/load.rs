@@ -113,6 +113,22 @@ fn check(status: u16, body: &serde_json::Value, ok: u16) {
 }
 
 /// Admission and settlement rows per request id in the ledger: (admissions, settlements).
+/// How many admissions answered 200 and settlements answered 202 are not in `rows` yet. Wait on
+/// this, not on a row count: publishes in flight when a request was answered 503 may land too,
+/// so a count can be reached while acknowledged rows are still on their way.
+pub fn acknowledged_missing(
+    rows: &std::collections::HashMap<String, (i64, i64)>,
+    outcomes: &[Outcome],
+) -> usize {
+    outcomes
+        .iter()
+        .filter(|o| {
+            let (adm, set) = rows.get(&o.request_id).copied().unwrap_or((0, 0));
+            (o.admit_status == 200 && adm == 0) || (o.settle_status == Some(202) && set == 0)
+        })
+        .count()
+}
+
 pub async fn ledger_rows(pool: &sqlx::PgPool) -> std::collections::HashMap<String, (i64, i64)> {
     let rows: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT request_id, \
