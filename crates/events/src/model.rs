@@ -293,17 +293,19 @@ pub fn parse_duration_minutes(field: &str, text: &str) -> Result<i64, Error> {
         _ => return Err(bad()),
     };
     let digits = &text[..text.len() - unit.len_utf8()];
-    // Digits only, no leading zero: `+5h`, `-5h`, ` 5h`, `5.0h` and `05h` are refused here,
-    // where the client hears the field it sent, not later by a stricter reader (and the
-    // document's pattern, `DURATION_PATTERN`, can state the grammar exactly).
-    if digits.is_empty()
-        || digits.len() > 12
-        || digits.starts_with('0') && digits != "0"
-        || !digits.bytes().all(|b| b.is_ascii_digit())
-    {
+    // Digits only: `+5h`, `-5h`, ` 5h` and `5.0h` are refused here, where the client hears the
+    // field it sent, not later by a stricter reader. Leading zeros are taken (`05h`, as every
+    // build has: a stored history may hold them), however many: the document's pattern,
+    // `DURATION_PATTERN`, then states the grammar exactly.
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
-    let n: i64 = digits.parse().map_err(|_| bad())?;
+    let significant = digits.trim_start_matches('0');
+    let n: i64 = match significant.len() {
+        0 => 0,
+        1..=12 => significant.parse().map_err(|_| bad())?,
+        _ => i64::MAX, // out of range below, whatever the unit
+    };
     match n.checked_mul(per_unit) {
         Some(m) if (1..=MAX_DURATION_MINUTES).contains(&m) => Ok(m),
         _ => Err(Error::invalid(
@@ -318,9 +320,9 @@ pub const MAX_DURATION_MINUTES: i64 = 10 * 366 * 24 * 60;
 
 /// Exactly the durations [`parse_duration_minutes`] takes, as a regular expression (for the API
 /// document): per unit, the numbers 1..=[`MAX_DURATION_MINUTES`] in that unit (5,270,400 m,
-/// 87,840 h, 3,660 d, 522 w) without leading zeros. A unit test holds it to the parser.
+/// 87,840 h, 3,660 d, 522 w), after any leading zeros. A unit test holds it to the parser.
 pub const DURATION_PATTERN: &str = concat!(
-    "^(?:",
+    "^0*(?:",
     "(?:[1-9][0-9]{0,5}|[1-4][0-9]{6}|5[01][0-9]{5}|52[0-6][0-9]{4}|5270[0-3][0-9]{2}|5270400)m",
     "|(?:[1-9][0-9]{0,3}|[1-7][0-9]{4}|8[0-6][0-9]{3}|87[0-7][0-9]{2}|878[0-3][0-9]|87840)h",
     "|(?:[1-9][0-9]{0,2}|[12][0-9]{3}|3[0-5][0-9]{2}|36[0-5][0-9]|3660)d",
@@ -524,7 +526,15 @@ mod reason_tests {
             for n in edges.chain([10 * max, 999_999_999_999, 1_000_000_000_000]) {
                 agree(&format!("{n}{unit}"));
             }
-            for text in ["0", "00", "01", "007", "+5", "-5", " 5", "5.0", "", "1_0"] {
+            let padded = [
+                "0000000000000005",
+                "0000000000000000",
+                "00000000000001000000000",
+            ];
+            for text in ["0", "00", "01", "007", "+5", "-5", " 5", "5.0", "", "1_0"]
+                .into_iter()
+                .chain(padded)
+            {
                 agree(&format!("{text}{unit}"));
             }
         }
