@@ -10,11 +10,13 @@
 //! `(schema, property)`: the handlers' derive attributes only take literals, and one table here
 //! keeps the rules beside each other and beside the constants they come from.
 
+use chrono::Weekday;
 use serde_json::{Value, json};
 use tally_events::rules::{
     MAX_GROUPS_PER_SUBJECT, MAX_ID_LEN, MAX_INSTANT_YEAR, MAX_MODELS_PER_GROUP, MIN_INSTANT_YEAR,
     WINDOW_KINDS,
 };
+use tally_events::window::WEEKDAYS;
 use tally_events::{MAX_AMOUNT, MAX_NAME_LEN, MAX_SUBJECT_ID_LEN, MAX_SUBJECT_KIND_LEN, Metric};
 
 /// Characters `validate_name` refuses: Unicode category Cc (C0, DEL, C1).
@@ -61,16 +63,6 @@ const _: () = assert!(MIN_INSTANT_YEAR == 1970 && MAX_INSTANT_YEAR == 2199);
 /// A calendar `reset_at` as `parse_reset_at` takes it: `HH:MM`, 24-hour.
 const RESET_AT: &str = "^(?:[01][0-9]|2[0-3]):[0-5][0-9]$";
 
-const WEEKDAYS: [&str; 7] = [
-    "monday",
-    "tuesday",
-    "wednesday",
-    "thursday",
-    "friday",
-    "saturday",
-    "sunday",
-];
-
 /// A window: one shape per kind (and, for calendar windows, weekly or not: only weeks start on
 /// another day than monday), unknown fields refused (`Window` is `deny_unknown_fields`);
 /// durations exactly as `parse_duration_minutes` takes them (`DURATION_PATTERN`), time zones by
@@ -88,8 +80,8 @@ fn window() -> Value {
         .map(|z| z.name().into())
         .collect();
     zones.push(Value::Null);
-    let calendar = |units: &[&str], week_starts: &[&str]| {
-        let mut starts: Vec<Value> = week_starts.iter().map(|&d| d.into()).collect();
+    let calendar = |units: &[&str], week_starts: &[(&str, Weekday)]| {
+        let mut starts: Vec<Value> = week_starts.iter().map(|&(d, _)| d.into()).collect();
         starts.push(Value::Null);
         shape(
             "calendar",
@@ -284,7 +276,7 @@ mod tests {
             reset_at: None,
             week_start: Some(day.to_owned()),
         };
-        for day in WEEKDAYS {
+        for (day, _) in WEEKDAYS {
             assert!(
                 tally_events::rules::validate_window("", &weekly(day)).is_ok(),
                 "{day}"

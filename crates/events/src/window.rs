@@ -88,22 +88,28 @@ pub fn parse_reset_at(field: &str, text: &str) -> Result<u32, Error> {
     Ok(h * 60 + m)
 }
 
+/// A weekly window's `week_start` names, in the order of the week.
+pub const WEEKDAYS: [(&str, Weekday); 7] = [
+    ("monday", Weekday::Mon),
+    ("tuesday", Weekday::Tue),
+    ("wednesday", Weekday::Wed),
+    ("thursday", Weekday::Thu),
+    ("friday", Weekday::Fri),
+    ("saturday", Weekday::Sat),
+    ("sunday", Weekday::Sun),
+];
+
 fn parse_weekday(field: &str, text: &str) -> Result<Weekday, Error> {
-    Ok(match text {
-        "monday" => Weekday::Mon,
-        "tuesday" => Weekday::Tue,
-        "wednesday" => Weekday::Wed,
-        "thursday" => Weekday::Thu,
-        "friday" => Weekday::Fri,
-        "saturday" => Weekday::Sat,
-        "sunday" => Weekday::Sun,
-        _ => {
-            return Err(Error::invalid(
+    WEEKDAYS
+        .iter()
+        .find(|(name, _)| *name == text)
+        .map(|(_, day)| *day)
+        .ok_or_else(|| {
+            Error::invalid(
                 field,
                 format!("`{text}` is not a weekday (monday … sunday)"),
-            ));
-        }
-    })
+            )
+        })
 }
 
 /// Anchors must lie in a range where every window computation stays representable.
