@@ -294,6 +294,25 @@ async fn delete_where(
     Ok(())
 }
 
+/// Touched policies or grants by id, split into the ids gone (deleted) and the ids and JSON
+/// bodies of the live ones.
+fn split_touched(
+    touched: &[(String, Option<serde_json::Value>)],
+) -> (Vec<&String>, Vec<&str>, Vec<&serde_json::Value>) {
+    let mut gone = Vec::new();
+    let (mut ids, mut bodies) = (Vec::new(), Vec::new());
+    for (id, body) in touched {
+        match body {
+            Some(b) => {
+                ids.push(id.as_str());
+                bodies.push(b);
+            }
+            None => gone.push(id),
+        }
+    }
+    (gone, ids, bodies)
+}
+
 /// Touched policies: the live ones upserted in one statement, the deleted ones deleted in one.
 async fn write_policies(
     tx: &mut PgConnection,
@@ -302,16 +321,8 @@ async fn write_policies(
     now: DateTime<Utc>,
 ) -> Result<(), Error> {
     let table = t.name("cfg_policies");
-    let gone: Vec<&String> = policies
-        .iter()
-        .filter(|p| p.1.is_none())
-        .map(|p| &p.0)
-        .collect();
+    let (gone, ids, bodies) = split_touched(policies);
     delete_where(tx, &table, "policy_id", &gone).await?;
-    let (ids, bodies): (Vec<&str>, Vec<&serde_json::Value>) = policies
-        .iter()
-        .filter_map(|(id, p)| Some((id.as_str(), p.as_ref()?)))
-        .unzip();
     if ids.is_empty() {
         return Ok(());
     }
@@ -339,16 +350,8 @@ async fn write_grants(
     grants: &[(String, Option<serde_json::Value>)],
 ) -> Result<(), Error> {
     let table = t.name("cfg_grants");
-    let gone: Vec<&String> = grants
-        .iter()
-        .filter(|g| g.1.is_none())
-        .map(|g| &g.0)
-        .collect();
+    let (gone, ids, bodies) = split_touched(grants);
     delete_where(tx, &table, "grant_id", &gone).await?;
-    let (ids, bodies): (Vec<&str>, Vec<&serde_json::Value>) = grants
-        .iter()
-        .filter_map(|(id, g)| Some((id.as_str(), g.as_ref()?)))
-        .unzip();
     if ids.is_empty() {
         return Ok(());
     }
