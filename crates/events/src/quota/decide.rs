@@ -306,10 +306,11 @@ impl QuotaState {
         let candidates = self.candidates(&r);
         let mut out = Vec::with_capacity(candidates.len());
         for c in candidates {
+            let window = c.policy.spec.bounds(t);
             out.push(PoolTotals {
-                window: c.policy.spec.bounds(t),
+                window,
                 limit: self.limit_of(c.policy, &c.pool, t),
-                used: self.used(c.policy, &c.pool, t),
+                used: self.used_in(c.policy, &c.pool, window),
                 policy: c.policy,
                 pool: c.pool,
             });
@@ -418,8 +419,9 @@ impl QuotaState {
     fn decide_check(&self, c: &Candidate<'_>, req: &AdmitRequest<'_>, d: &mut Decision) {
         let p = &c.policy.data;
         let t = req.at;
+        let window = c.policy.spec.bounds(t);
         let limit = self.limit_of(c.policy, &c.pool, t);
-        let used = self.used(c.policy, &c.pool, t);
+        let used = self.used_in(c.policy, &c.pool, window);
         let reserved = self.reserved(c.policy, &c.pool, t);
         let need = p.metric.of(&d.estimate);
         let held = used.saturating_add(reserved);
@@ -448,7 +450,7 @@ impl QuotaState {
             policy_id: p.policy_id.clone(),
             subject: c.pool.clone(),
             metric: p.metric,
-            window: c.policy.spec.bounds(t),
+            window,
             limit,
             used,
             reserved,

@@ -17,7 +17,7 @@ use super::buckets::{Buckets, Horizons, minute_instant};
 use super::config::{Config, PolicyConf};
 use super::credits::Account;
 use crate::envelope::{AdmissionDecided, CreditsAdjusted, Envelope, EventData, UsageSettled};
-use crate::model::{Check, CreditOp, Metric, Refill, Subject, Usage, Window};
+use crate::model::{Check, CreditOp, Metric, Refill, Subject, Usage, Window, WindowBounds};
 use crate::request::MAX_SETTLEMENTS_PER_REQUEST;
 use crate::window::{WindowSpec, epoch_minute};
 
@@ -590,7 +590,17 @@ impl QuotaState {
 
     /// Settled usage of `policy`'s pool for `pool` in the window containing `t`, before resets.
     fn raw_used(&self, policy: &PolicyConf, pool: &Subject, t: DateTime<Utc>) -> i64 {
-        let (from, to) = match policy.spec.bounds(t) {
+        self.raw_used_in(policy, pool, policy.spec.bounds(t))
+    }
+
+    /// [`Self::raw_used`] in `bounds` (`policy.spec.bounds(t)`, None for a lifetime window).
+    fn raw_used_in(
+        &self,
+        policy: &PolicyConf,
+        pool: &Subject,
+        bounds: Option<WindowBounds>,
+    ) -> i64 {
+        let (from, to) = match bounds {
             Some(b) => (epoch_minute(b.start), epoch_minute(b.end)),
             None => (i64::MIN, i64::MAX),
         };
@@ -618,11 +628,21 @@ impl QuotaState {
 
     /// Settled usage of the pool in the window containing `t`, after a manual reset.
     pub fn used(&self, policy: &PolicyConf, pool: &Subject, t: DateTime<Utc>) -> i64 {
-        let raw = self.raw_used(policy, pool, t);
+        self.used_in(policy, pool, policy.spec.bounds(t))
+    }
+
+    /// [`Self::used`] in `bounds`, the window containing the time (`policy.spec.bounds(t)`):
+    /// for callers that have computed it already (calendar bounds cost time-zone conversions).
+    pub fn used_in(
+        &self,
+        policy: &PolicyConf,
+        pool: &Subject,
+        bounds: Option<WindowBounds>,
+    ) -> i64 {
+        let raw = self.raw_used_in(policy, pool, bounds);
         let Some(r) = self.reset_of(policy, pool) else {
             return raw;
         };
-        let bounds = policy.spec.bounds(t);
         let dropped = match policy.spec {
             WindowSpec::Rolling { .. } => bounds.map_or(0, |b| {
                 r.captured_in(epoch_minute(b.start), epoch_minute(b.end))
