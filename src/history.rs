@@ -93,7 +93,8 @@ fn subject(s: &str) -> Subject {
 
 /// The generator: a local fold of everything it publishes, to decide admissions as the API would.
 struct Writer<'a> {
-    publisher: &'a Publisher,
+    /// Where events go; None folds them only (see [`fold`]).
+    publisher: Option<&'a Publisher>,
     /// Request ids carry the seed: two histories on one stream never share one.
     seed: u64,
     q: QuotaState,
@@ -113,16 +114,20 @@ impl Writer<'_> {
     }
 
     async fn flush(&mut self) -> anyhow::Result<()> {
+        let Some(publisher) = self.publisher else {
+            self.pending.clear();
+            return Ok(());
+        };
         let records = self
             .pending
             .drain(..)
             .map(|e| {
-                let subject = self.publisher.settings().subject_for(&e);
+                let subject = publisher.settings().subject_for(&e);
                 (subject, e.id.to_string(), bytes::Bytes::from(e.encode()))
             })
             .collect::<Vec<_>>();
         let n = records.len();
-        match self.publisher.publish_ordered(records).await {
+        match publisher.publish_ordered(records).await {
             Ok(done) if done == n => Ok(()),
             Ok(done) => anyhow::bail!("{done} of {n} events acknowledged"),
             Err((done, e)) => anyhow::bail!("{done} of {n} events acknowledged: {e}"),
@@ -363,8 +368,26 @@ const MODELS: [&str; 5] = [
 pub async fn write(
     publisher: &Publisher,
     spec: &HistorySpec,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> anyhow::Result<HistoryStats> {
+    Ok(generate(Some(publisher), spec, progress).await?.1)
+}
+
+/// Generate `spec`'s history without publishing it: the quota state it folds to (as the
+/// generator keeps it: never compacted) and what it would have written. For measuring the
+/// state's size over a history (`examples/state_memory.rs`).
+pub async fn fold(
+    spec: &HistorySpec,
+    progress: impl FnMut(u64),
+) -> anyhow::Result<(QuotaState, HistoryStats)> {
+    generate(None, spec, progress).await
+}
+
+async fn generate(
+    publisher: Option<&Publisher>,
+    spec: &HistorySpec,
+    mut progress: impl FnMut(u64),
+) -> anyhow::Result<(QuotaState, HistoryStats)> {
     let now = Utc::now();
     let t0 = now - Duration::days(spec.days);
     let mut w = Writer {
@@ -403,7 +426,7 @@ pub async fn write(
         .take(200)
         .map(|k| format!("key:k{k}"))
         .collect();
-    Ok(w.stats)
+    Ok((w.q, w.stats))
 }
 
 async fn request(
