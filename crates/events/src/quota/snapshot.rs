@@ -15,12 +15,11 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::bounded::Bounded;
-use super::buckets::Buckets;
 use super::config::{Config, PolicyConf, SubjectConf};
 use super::credits::Account;
 use super::state::{
     CreditAnswer, MAX_ALERTED, MAX_APPLIED_IDS, MAX_CREDIT_WRITE_IDS, Open, PoolKey, QuotaState,
-    Reset, SliceKey,
+    Reset, Slices,
 };
 use crate::envelope::{GrantIssued, PolicyUpserted};
 use crate::error::{Error, SnapshotError};
@@ -85,7 +84,7 @@ struct ConfigBody {
 type Alert = (String, Subject, Option<DateTime<Utc>>);
 
 /// Usage per subject and slice, as the state holds it.
-type UsageMap = HashMap<Subject, HashMap<SliceKey, Buckets>>;
+type UsageMap = HashMap<Subject, Slices>;
 
 /// The snapshot body. `U` is the usage, by far its largest part: encoded straight from the
 /// state's map (`&UsageMap`) and decoded straight into one (`UsageMap`), never copied into an

@@ -49,6 +49,64 @@ pub struct SliceKey {
     pub user_global: bool,
 }
 
+/// The usage slices of one subject (one per model group and counted flags: a handful), as a
+/// list: a hash map per subject cost ~400 bytes of table for one to three entries (issue 5's
+/// memory target), and a short scan is as fast as hashing the key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slices(Vec<(SliceKey, Buckets)>);
+
+impl Slices {
+    /// The buckets of `key`, created empty when missing (the key is copied only then, into a
+    /// list grown by exactly one so that a quiet subject holds no spare room).
+    pub fn entry(&mut self, key: &SliceKey) -> &mut Buckets {
+        let i = match self.0.iter().position(|(k, _)| k == key) {
+            Some(i) => i,
+            None => {
+                self.0.reserve_exact(1);
+                self.0.push((key.clone(), Buckets::default()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    /// Every slice.
+    pub fn iter(&self) -> impl Iterator<Item = (&SliceKey, &Buckets)> {
+        self.0.iter().map(|(k, b)| (k, b))
+    }
+
+    /// Every slice's buckets.
+    pub fn values(&self) -> impl Iterator<Item = &Buckets> {
+        self.0.iter().map(|(_, b)| b)
+    }
+
+    /// Every slice's buckets, to change.
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Buckets> {
+        self.0.iter_mut().map(|(_, b)| b)
+    }
+
+    /// Slices held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a Slices {
+    type Item = (&'a SliceKey, &'a Buckets);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (SliceKey, Buckets)>,
+        fn(&'a (SliceKey, Buckets)) -> (&'a SliceKey, &'a Buckets),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, b)| (k, b))
+    }
+}
+
 /// Where a reservation is held: a policy's pool in one window (None: rolling and lifetime).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PoolKey {
@@ -191,7 +249,7 @@ fn shift_reserved(
 pub struct QuotaState {
     /// Configuration.
     pub config: Config,
-    pub(super) usage: HashMap<Subject, HashMap<SliceKey, Buckets>>,
+    pub(super) usage: HashMap<Subject, Slices>,
     pub(super) reserved: HashMap<PoolKey, i64>,
     pub(super) open: HashMap<String, Open>,
     pub(super) resets: HashMap<(String, Subject), Reset>,
@@ -529,12 +587,12 @@ impl QuotaState {
         };
         let m = epoch_minute(d.window_at);
         for s in &d.chain {
-            self.usage
-                .entry(s.clone())
-                .or_default()
-                .entry(key.clone())
-                .or_default()
-                .add(m, &d.usage);
+            // The subject is copied only the first time it sees usage.
+            let slices = match self.usage.get_mut(s) {
+                Some(slices) => slices,
+                None => self.usage.entry(s.clone()).or_default(),
+            };
+            slices.entry(&key).add(m, &d.usage);
         }
     }
 
@@ -859,7 +917,7 @@ impl QuotaState {
     pub fn usage_entries(&self) -> usize {
         self.usage
             .values()
-            .flat_map(HashMap::values)
+            .flat_map(Slices::values)
             .map(Buckets::len)
             .sum()
     }
