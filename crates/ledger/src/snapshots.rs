@@ -95,15 +95,29 @@ pub async fn list(pool: &PgPool, stream: &str) -> Result<Vec<StoredSnapshot>, Er
     .await?)
 }
 
-/// A snapshot's bytes, its chunks concatenated in order.
-pub async fn read(pool: &PgPool, id: i64) -> Result<Vec<u8>, Error> {
-    let chunks: Vec<(Vec<u8>,)> = sqlx::query_as(
+/// Most bytes reserved up front for a snapshot from its row's `size_bytes` (a damaged row must
+/// not make the reader reserve more than any real snapshot; past it the buffer just grows).
+const MAX_RESERVE_BYTES: usize = 1 << 30;
+
+/// A snapshot's bytes, its chunks concatenated in order. The chunks are streamed into one
+/// buffer of the snapshot's size: holding every chunk and then their concatenation cost twice
+/// (and growing the buffer up to three times) the snapshot's size at the moment a starting
+/// instance also builds its state from it (issue 5's memory bound).
+pub async fn read(pool: &PgPool, s: &StoredSnapshot) -> Result<Vec<u8>, Error> {
+    use futures::TryStreamExt as _;
+    let mut bytes = Vec::new();
+    let expected = usize::try_from(s.size_bytes).unwrap_or(0);
+    // Best effort: a failed reservation only means the buffer grows as chunks arrive.
+    let _ = bytes.try_reserve_exact(expected.min(MAX_RESERVE_BYTES));
+    let mut chunks = sqlx::query_scalar::<_, Vec<u8>>(
         "SELECT data FROM quota_snapshot_chunks WHERE snapshot_id = $1 ORDER BY idx",
     )
-    .bind(id)
-    .fetch_all(pool)
-    .await?;
-    Ok(chunks.into_iter().flat_map(|(c,)| c).collect())
+    .bind(s.id)
+    .fetch(pool);
+    while let Some(chunk) = chunks.try_next().await? {
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
 }
 
 /// The outcome of looking for a snapshot to start from.
@@ -123,7 +137,7 @@ pub async fn load_newest(pool: &PgPool, stream: &str, max_seq: u64) -> Result<Lo
         if s.stream_seq < 0 || s.stream_seq as u64 > max_seq {
             continue;
         }
-        let bytes = read(pool, s.id).await?;
+        let bytes = read(pool, &s).await?;
         match tally_events::quota::QuotaState::decode_snapshot(&bytes) {
             Ok((meta, state)) if meta.stream_seq == s.stream_seq as u64 => {
                 return Ok(Loaded {
