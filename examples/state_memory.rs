@@ -13,18 +13,24 @@ use tally_events::quota::{QuotaState, horizons};
 struct Counting;
 
 static HELD: AtomicIsize = AtomicIsize::new(0);
+static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+fn note(delta: isize) {
+    let now = HELD.fetch_add(delta, Ordering::Relaxed) + delta;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        HELD.fetch_add(l.size() as isize, Ordering::Relaxed);
+        note(l.size() as isize);
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        HELD.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        note(-(l.size() as isize));
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        HELD.fetch_add(n as isize - l.size() as isize, Ordering::Relaxed);
+        note(n as isize - l.size() as isize);
         unsafe { System.realloc(p, l, n) }
     }
 }
@@ -55,26 +61,24 @@ async fn main() -> anyhow::Result<()> {
     while done < subjects {
         done += q.compact(&h, now - backfill, subjects);
     }
+    // The generator's state keeps the hash tables' peak capacities (every request it ever held
+    // open); a starting instance holds what its snapshot decodes to, so that is what counts.
+    let snap = q.encode_snapshot(1, now);
+    let entries = q.usage_entries();
+    drop(q);
     let before = HELD.load(Ordering::Relaxed);
-    let copy = q.clone();
-    let state = HELD.load(Ordering::Relaxed) - before;
-    let snap = copy.encode_snapshot(1, now);
+    PEAK.store(before, Ordering::Relaxed);
+    let (_, state) = QuotaState::decode_snapshot(&snap)?;
     println!(
-        "events {} (admissions {}, settlements {}); state {:.1} MiB; usage entries {}; open {}; snapshot {:.1} MiB",
+        "events {} (admissions {}, settlements {}): usage entries {entries}, open requests {}; \
+         snapshot {:.1} MiB; state decoded from it {:.1} MiB (peak while decoding {:.1} MiB)",
         stats.events,
         stats.admissions,
         stats.settlements,
-        mib(state),
-        copy.usage_entries(),
-        copy.open_requests(),
-        mib(snap.len() as isize)
+        state.open_requests(),
+        mib(snap.len() as isize),
+        mib(HELD.load(Ordering::Relaxed) - before),
+        mib(PEAK.load(Ordering::Relaxed) - before),
     );
-    let before = HELD.load(Ordering::Relaxed);
-    let (_, decoded) = QuotaState::decode_snapshot(&snap)?;
-    println!(
-        "decoded from the snapshot: {:.1} MiB",
-        mib(HELD.load(Ordering::Relaxed) - before)
-    );
-    drop(decoded);
     Ok(())
 }
