@@ -56,14 +56,27 @@ pub struct SliceKey {
 pub struct Slices(Vec<(SliceKey, Buckets)>);
 
 impl Slices {
-    /// The buckets of `key`, created empty when missing (the key is copied only then, into a
-    /// list grown by exactly one so that a quiet subject holds no spare room).
-    pub fn entry(&mut self, key: &SliceKey) -> &mut Buckets {
-        let i = match self.0.iter().position(|(k, _)| k == key) {
+    /// The buckets of the slice `(model group, key_global, user_global)`, created empty when
+    /// missing: its key is built (the model group copied) only then, into a list grown by
+    /// exactly one so that a quiet subject holds no spare room.
+    pub fn entry(
+        &mut self,
+        (model_group, key_global, user_global): (&str, bool, bool),
+    ) -> &mut Buckets {
+        let i = match self.0.iter().position(|(k, _)| {
+            k.model_group == model_group
+                && k.key_global == key_global
+                && k.user_global == user_global
+        }) {
             Some(i) => i,
             None => {
                 self.0.reserve_exact(1);
-                self.0.push((key.clone(), Buckets::default()));
+                let key = SliceKey {
+                    model_group: model_group.to_owned(),
+                    key_global,
+                    user_global,
+                };
+                self.0.push((key, Buckets::default()));
                 self.0.len() - 1
             }
         };
@@ -580,11 +593,11 @@ impl QuotaState {
         if d.usage.is_zero() {
             return;
         }
-        let key = SliceKey {
-            model_group: d.model_group.clone().unwrap_or_default(),
-            key_global: d.counted_in_key_global,
-            user_global: d.counted_in_user_global,
-        };
+        let key = (
+            d.model_group.as_deref().unwrap_or_default(),
+            d.counted_in_key_global,
+            d.counted_in_user_global,
+        );
         let m = epoch_minute(d.window_at);
         for s in &d.chain {
             // The subject is copied only the first time it sees usage.
@@ -592,7 +605,7 @@ impl QuotaState {
                 Some(slices) => slices,
                 None => self.usage.entry(s.clone()).or_default(),
             };
-            slices.entry(&key).add(m, &d.usage);
+            slices.entry(key).add(m, &d.usage);
         }
     }
 
