@@ -86,9 +86,14 @@ pub(crate) struct WindowRow {
 /// Policy id, pool subject, window start (None for rolling and lifetime windows).
 type WindowKey = (String, String, Option<DateTime<Utc>>);
 
-/// Latest totals per pool and window in a batch, keeping the first exhaustion time.
+/// Latest totals per pool and window in a batch, keeping the first exhaustion time: by policy,
+/// then pool, then window start, so that a pool the batch has seen already is found with
+/// borrowed names (a tuple key cost two string copies per pool of every folded request).
 #[derive(Default)]
-pub(crate) struct WindowRows(BTreeMap<WindowKey, WindowRow>);
+pub(crate) struct WindowRows(BTreeMap<String, BTreeMap<String, PoolWindows>>);
+
+/// One pool's windows in a batch, by window start.
+type PoolWindows = BTreeMap<Option<DateTime<Utc>>, WindowRow>;
 
 impl WindowRows {
     /// Every pool an admission of (leaf, model) at t would check, with its totals at t, merged
@@ -101,11 +106,6 @@ impl WindowRows {
     ) {
         for t in state.pool_totals(leaf, model.as_deref(), *at) {
             let p = &t.policy.data;
-            let key = (
-                p.policy_id.clone(),
-                t.pool.to_string(),
-                t.window.filter(|_| t.policy.windowed()).map(|w| w.start),
-            );
             let mut row = WindowRow {
                 start: t.window.map(|w| w.start),
                 end: t.window.map(|w| w.end),
@@ -115,7 +115,17 @@ impl WindowRows {
                 on_exhausted: p.on_exhausted.as_str(),
                 exhausted_at: (t.used >= t.limit).then_some(*at),
             };
-            match self.0.entry(key) {
+            let start = t.window.filter(|_| t.policy.windowed()).map(|w| w.start);
+            // The names are copied only when the batch first sees the policy or the pool.
+            let pools = match self.0.get_mut(p.policy_id.as_str()) {
+                Some(pools) => pools,
+                None => self.0.entry(p.policy_id.clone()).or_default(),
+            };
+            let windows = match pools.get_mut(t.pool.as_str()) {
+                Some(windows) => windows,
+                None => pools.entry(t.pool.to_string()).or_default(),
+            };
+            match windows.entry(start) {
                 Entry::Vacant(v) => {
                     v.insert(row);
                 }
@@ -126,6 +136,19 @@ impl WindowRows {
                 }
             }
         }
+    }
+
+    /// The rows in key order (policy, pool, window start).
+    fn into_rows(self) -> Vec<(WindowKey, WindowRow)> {
+        let mut out = Vec::new();
+        for (policy, pools) in self.0 {
+            for (pool, windows) in pools {
+                for (start, row) in windows {
+                    out.push(((policy.clone(), pool.clone(), start), row));
+                }
+            }
+        }
+        out
     }
 }
 
@@ -157,7 +180,7 @@ impl Rows {
     pub(crate) fn of(state: &QuotaState, t: &Touched, windows: WindowRows) -> Rows {
         let mut rows = Rows {
             retired: t.retired.iter().map(|s| s.to_string()).collect(),
-            windows: windows.0.into_iter().collect(),
+            windows: windows.into_rows(),
             ..Rows::default()
         };
         for s in &t.subjects {
