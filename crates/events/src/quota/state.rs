@@ -257,6 +257,21 @@ fn shift_reserved(
     }
 }
 
+/// A hash table never gives back the room a burst made it grow to; one that is less than a
+/// 1/`SHRINK_SLACK` full is shrunk to twice what it holds, so memory follows the requests in
+/// flight, not the busiest moment since the start (the shrink rehashes, hence the slack).
+pub const SHRINK_SLACK: usize = 4;
+/// Tables of up to this many slots are never shrunk (not worth a rehash).
+const SHRINK_MIN_CAPACITY: usize = 4096;
+
+fn shrink_when_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > SHRINK_MIN_CAPACITY
+        && map.len().saturating_mul(SHRINK_SLACK) < map.capacity()
+    {
+        map.shrink_to(map.len().saturating_mul(2));
+    }
+}
+
 /// The whole fold.
 #[derive(Clone, Debug)]
 pub struct QuotaState {
@@ -892,6 +907,8 @@ impl QuotaState {
                 self.open.remove(&rid);
             }
         }
+        shrink_when_sparse(&mut self.open);
+        shrink_when_sparse(&mut self.reserved);
         before - self.open.len()
     }
 
@@ -1061,5 +1078,33 @@ mod tests {
         q.apply(&admission("later", t0 + chrono::Duration::hours(2)));
         assert_eq!(q.prune(), 5);
         assert_eq!(q.open_requests(), 2);
+    }
+
+    #[test]
+    fn a_table_emptied_by_pruning_gives_its_room_back() {
+        let t0 = Utc::now() - chrono::Duration::hours(5);
+        for (n, shrinks) in [(3_000, false), (20_000, true)] {
+            let mut q = QuotaState::default();
+            for i in 0..n {
+                let rid = format!("r{i}");
+                let a = admission(&rid, t0);
+                q.apply(&a);
+                q.apply(&release(&rid, &a));
+            }
+            let grown = q.open.capacity();
+            assert!(grown >= n);
+            q.apply(&admission("later", t0 + chrono::Duration::hours(2)));
+            assert_eq!(q.prune(), n);
+            if shrinks {
+                assert!(q.open.capacity() < 16, "{grown} -> {}", q.open.capacity());
+            } else {
+                // (capacity() counts deleted slots as used, so it reads lower than the table.)
+                assert!(
+                    q.open.capacity() > 1_000,
+                    "tables up to 4096 slots are kept"
+                );
+            }
+            assert!(q.is_admitted("later", t0 + chrono::Duration::hours(2)));
+        }
     }
 }
