@@ -103,6 +103,7 @@ const MAX_RESERVE_BYTES: usize = 1 << 30;
 /// buffer of the snapshot's size: holding every chunk and then their concatenation cost twice
 /// (and growing the buffer up to three times) the snapshot's size at the moment a starting
 /// instance also builds its state from it (issue 5's memory bound).
+#[tracing::instrument(skip(pool, s), fields(id = s.id, size = s.size_bytes))]
 pub async fn read(pool: &PgPool, s: &StoredSnapshot) -> Result<Vec<u8>, Error> {
     use futures::TryStreamExt as _;
     let mut bytes = Vec::new();
