@@ -113,6 +113,18 @@ impl Usage {
         Ok(())
     }
 
+    /// The amounts in [`Usage::fields`] order: requests, input tokens, output tokens, cost,
+    /// credits.
+    pub fn from_amounts([requests, input_tokens, output_tokens, cost, credits]: [i64; 5]) -> Usage {
+        Usage {
+            requests,
+            input_tokens,
+            output_tokens,
+            cost,
+            credits,
+        }
+    }
+
     /// `(name, amount)` for each metric, in a fixed order.
     pub fn fields(&self) -> [(&'static str, i64); 5] {
         [

@@ -222,14 +222,8 @@ fn window(i: usize) -> Window {
     }
 }
 
-fn usage([requests, input_tokens, output_tokens, cost, credits]: [i64; 5]) -> Usage {
-    Usage {
-        requests,
-        input_tokens,
-        output_tokens,
-        cost,
-        credits,
-    }
+fn usage(amounts: [i64; 5]) -> Usage {
+    Usage::from_amounts(amounts)
 }
 
 /// The driver: the state, the clock, and the requests admitted so far.

@@ -83,7 +83,7 @@ impl Horizons {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Entry {
     minute: i32,
-    /// Requests, input tokens, output tokens, cost, credits.
+    /// In [`Usage::from_amounts`] order.
     amounts: [u32; 5],
 }
 
@@ -108,14 +108,7 @@ impl Entry {
     }
 
     fn usage(&self) -> Usage {
-        let [requests, input_tokens, output_tokens, cost, credits] = self.amounts.map(i64::from);
-        Usage {
-            requests,
-            input_tokens,
-            output_tokens,
-            cost,
-            credits,
-        }
+        Usage::from_amounts(self.amounts.map(i64::from))
     }
 
     fn pair(&self) -> (i64, Usage) {
@@ -131,14 +124,7 @@ fn sum_entries(entries: &[Entry]) -> Usage {
             *a = a.saturating_add(i64::from(v));
         }
     }
-    let [requests, input_tokens, output_tokens, cost, credits] = acc;
-    Usage {
-        requests,
-        input_tokens,
-        output_tokens,
-        cost,
-        credits,
-    }
+    Usage::from_amounts(acc)
 }
 
 fn sum_wide(wide: &[(i64, Usage)], from: i64, to: i64) -> Usage {

@@ -97,27 +97,6 @@ impl Slices {
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Buckets> {
         self.0.iter_mut().map(|(_, b)| b)
     }
-
-    /// Slices held.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// True when there are none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl<'a> IntoIterator for &'a Slices {
-    type Item = (&'a SliceKey, &'a Buckets);
-    type IntoIter = std::iter::Map<
-        std::slice::Iter<'a, (SliceKey, Buckets)>,
-        fn(&'a (SliceKey, Buckets)) -> (&'a SliceKey, &'a Buckets),
-    >;
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter().map(|(k, b)| (k, b))
-    }
 }
 
 /// Where a reservation is held: a policy's pool in one window (None: rolling and lifetime).
@@ -797,7 +776,7 @@ impl QuotaState {
         let mut by_minute: std::collections::BTreeMap<i64, i64> = Default::default();
         let p = &policy.data;
         if let Some(slices) = self.usage.get(pool) {
-            for (k, b) in slices {
+            for (k, b) in slices.iter() {
                 if slice_counts(k, p.model_group.as_deref(), p.metric, pool) {
                     for (m, u) in b.minutes_in(from, to) {
                         let slot = by_minute.entry(m).or_insert(0);
