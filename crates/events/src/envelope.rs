@@ -393,7 +393,7 @@ fn data_of<T: DeserializeOwned>(text: &str) -> Result<T, Error> {
 
 /// The envelope as read: everything but `data`, which is kept as its raw JSON text (a validated
 /// slice of the input, no allocation) until the type is known, whatever order the keys come in
-/// (Postgres' `jsonb` puts `data` before `type`).
+/// (rows written while the ledger kept `jsonb` have `data` before `type`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawIn<'a> {

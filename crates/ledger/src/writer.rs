@@ -143,7 +143,7 @@ impl Subscription {
 struct Row {
     seq: u64,
     env: Envelope,
-    /// The message as published (valid UTF-8 JSON: it decoded), stored as `jsonb`.
+    /// The message as published (valid UTF-8 JSON: it decoded), stored as `json`: the raw payload, byte for byte.
     payload: String,
 }
 
@@ -530,7 +530,7 @@ async fn insert_rows(tx: &mut Transaction<'_, Postgres>, rows: &[Row]) -> Result
             .push_bind(f.counted_in_key_global)
             .push_bind(f.counted_in_user_global)
             .push_bind(&r.payload)
-            .push_unseparated("::jsonb")
+            .push_unseparated("::json")
             .push_bind(f.admission_id);
     });
     // No conflict target: a redelivered event (same event_id) and a retried settlement (same
