@@ -528,18 +528,38 @@ fn bytes_of(len: usize) -> bytes::Bytes {
     bytes::Bytes::from(vec![b'x'; len])
 }
 
-/// Batched inserts of ledger-shaped rows (uuid key, timestamps, amounts, jsonb payload) by one
+/// The payload the raw insert stores: a `usage.settled` envelope as the gateway sends one (the
+/// most common event, 681 bytes), as text, cast to `json` by Postgres as the ledger writer's is.
+/// A toy payload would measure a row the ledger never holds.
+fn raw_payload() -> String {
+    json!({
+        "id": "01a2116b-387c-7076-b938-7fa863599f9c", "type": "usage.settled", "schema": 1,
+        "occurred_at": "2026-11-25T06:36:09.212152284Z", "request_id": "bf114f4c9-0-1",
+        "subject": "key:k0",
+        "data": {
+            "seq": 0, "chain": ["key:k0", "user:u0", "team:t0", "customer:c0"], "final": true,
+            "model": "claude-3-haiku", "model_group": "claude", "success": true,
+            "usage": {"requests": 1, "input_tokens": 480, "output_tokens": 120, "cost": 1830, "credits": 1},
+            "window_at": "2026-11-25T06:36:09.206569911Z",
+            "admission_id": "01a2116b-3876-7049-9a27-6bf6172d5d88",
+            "settlement_id": "bf114f4c9-0-1:0", "matched_admission": true,
+            "counted_in_key_global": true, "counted_in_user_global": false
+        }
+    })
+    .to_string()
+}
+
+/// Batched inserts of ledger-shaped rows (uuid key, timestamps, amounts, json payload) by one
 /// connection in one transaction per batch: what the ledger writer does, minus decoding.
 async fn raw_postgres(args: &BenchArgs, pool: &PgPool) -> anyhow::Result<f64> {
     sqlx::query(
         "CREATE TABLE bench_raw (id uuid PRIMARY KEY, occurred_at timestamptz NOT NULL, \
          recorded_at timestamptz NOT NULL DEFAULT clock_timestamp(), subject text NOT NULL, \
-         chain text[] NOT NULL, cost bigint NOT NULL, input_tokens bigint NOT NULL, payload jsonb NOT NULL)",
+         chain text[] NOT NULL, cost bigint NOT NULL, input_tokens bigint NOT NULL, payload json NOT NULL)",
     )
     .execute(pool)
     .await?;
-    let payload =
-        json!({"request_id": "r", "subject": "key:k", "usage": {"cost": 1, "input_tokens": 2}});
+    let payload = raw_payload();
     let deadline = Instant::now() + args.baseline_duration;
     let started = Instant::now();
     let mut rows = 0u64;
@@ -551,7 +571,7 @@ async fn raw_postgres(args: &BenchArgs, pool: &PgPool) -> anyhow::Result<f64> {
         let mut tx = pool.begin().await?;
         sqlx::query(
             "INSERT INTO bench_raw (id, occurred_at, subject, chain, cost, input_tokens, payload) \
-             SELECT id, now(), 'key:k', ARRAY['key:k'], 1, 2, p FROM UNNEST($1::uuid[], $2::jsonb[]) AS t(id, p) \
+             SELECT id, now(), 'key:k', ARRAY['key:k'], 1, 2, p::json FROM UNNEST($1::uuid[], $2::text[]) AS t(id, p) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(&ids)
