@@ -25,6 +25,27 @@ pub fn undecodable_rows() -> u64 {
     UNDECODABLE_ROWS.load(Ordering::Relaxed)
 }
 
+/// Ledger rows as read, their payloads not decoded yet: a reader can fetch the next page while
+/// another task decodes this one (Postgres, decoding and the fold each on their own core).
+#[derive(Debug, Default)]
+pub struct RawPage {
+    /// `(key, payload text)` of the rows wanted, in order.
+    pub rows: Vec<(i64, String)>,
+    /// The key (`pos` or stream sequence) of the last row read, wanted or not; None when none.
+    pub last: Option<i64>,
+    /// Ledger rows the page moved past, including those not wanted.
+    pub spanned: usize,
+    /// Which key the rows carry (`pos`, `stream_seq`), for the log of a row that does not decode.
+    pub key: &'static str,
+}
+
+impl RawPage {
+    /// The page's events, decoded; undecodable rows are skipped and logged.
+    pub fn decode(self) -> Vec<(i64, Envelope)> {
+        decode_page(self.rows, self.key)
+    }
+}
+
 /// Decode a page of `(key, payload text)` rows; undecodable ones are skipped and logged.
 /// The page is allocated once at its full size: grown by doubling, a page of large envelopes
 /// was reallocated a dozen times into fresh memory (a sixth of a quota replay's time, measured).
@@ -75,6 +96,18 @@ pub async fn page_after_pos_of(
     limit: i64,
     types: Option<&[&str]>,
 ) -> Result<(Vec<(i64, Envelope)>, Option<i64>, usize), Error> {
+    let raw = raw_page_after_pos_of(conn, after, limit, types).await?;
+    let (last, spanned) = (raw.last, raw.spanned);
+    Ok((raw.decode(), last, spanned))
+}
+
+/// [`page_after_pos_of`] without the decoding.
+pub async fn raw_page_after_pos_of(
+    conn: &mut PgConnection,
+    after: i64,
+    limit: i64,
+    types: Option<&[&str]>,
+) -> Result<RawPage, Error> {
     let rows: Vec<(i64, Option<String>)> = sqlx::query_as(
         "SELECT pos, CASE WHEN $3::text[] IS NULL OR event_type = ANY($3) THEN payload::text END \
          FROM ledger WHERE pos > $1 ORDER BY pos LIMIT $2",
@@ -84,13 +117,15 @@ pub async fn page_after_pos_of(
     .bind(types)
     .fetch_all(&mut *conn)
     .await?;
-    let last = rows.last().map(|(p, _)| *p);
-    let spanned = rows.len();
-    let wanted = rows
-        .into_iter()
-        .filter_map(|(p, text)| text.map(|t| (p, t)))
-        .collect();
-    Ok((decode_page(wanted, "pos"), last, spanned))
+    Ok(RawPage {
+        last: rows.last().map(|(p, _)| *p),
+        spanned: rows.len(),
+        rows: rows
+            .into_iter()
+            .filter_map(|(p, text)| text.map(|t| (p, t)))
+            .collect(),
+        key: "pos",
+    })
 }
 
 /// Up to `limit` rows with `after < stream_seq < before`, in stream order, as `(seq, event)`,
@@ -101,6 +136,18 @@ pub async fn page_by_seq<'c, E: sqlx::PgExecutor<'c>>(
     before: u64,
     limit: i64,
 ) -> Result<(Vec<(i64, Envelope)>, Option<i64>), Error> {
+    let raw = raw_page_by_seq(pool, after, before, limit).await?;
+    let last = raw.last;
+    Ok((raw.decode(), last))
+}
+
+/// [`page_by_seq`] without the decoding.
+pub async fn raw_page_by_seq<'c, E: sqlx::PgExecutor<'c>>(
+    pool: E,
+    after: u64,
+    before: u64,
+    limit: i64,
+) -> Result<RawPage, Error> {
     // Only the lower bound goes to Postgres: with an upper bound too, a table not analyzed yet
     // (a restart right after heavy writes) gets a bitmap scan of every row and a sort per page
     // instead of the ordered index scan; the upper bound is applied here.
@@ -114,8 +161,12 @@ pub async fn page_by_seq<'c, E: sqlx::PgExecutor<'c>>(
     .await?;
     let before = i64::try_from(before).unwrap_or(i64::MAX);
     rows.retain(|(seq, _)| *seq < before);
-    let last = rows.last().map(|(s, _)| *s);
-    Ok((decode_page(rows, "stream_seq"), last))
+    Ok(RawPage {
+        last: rows.last().map(|(s, _)| *s),
+        spanned: rows.len(),
+        rows,
+        key: "stream_seq",
+    })
 }
 
 /// Most ledger rows one request may have: an admission, a release or expiry, the settlements

@@ -18,6 +18,9 @@ pub enum Error {
         /// The decode error.
         source: tally_events::Error,
     },
+    /// The thread decoding ledger pages ahead of a rebuild died (a panic in the decoder).
+    #[error("decoding ledger pages ahead of the fold failed")]
+    ReadAhead(#[source] tokio::task::JoinError),
     /// Another process holds what this needed (e.g. a rebuild of the same projection runs).
     #[error("busy: {0}")]
     Busy(String),
