@@ -33,6 +33,9 @@ pub enum Error {
         /// The subject both wrote to.
         subject: String,
     },
+    /// The thread decoding ledger pages ahead of a fold died (a panic in the decoder).
+    #[error("decoding ledger pages ahead of the fold failed")]
+    ReadAhead(#[source] tokio::task::JoinError),
     /// The fail-open spool could not take or give back an event (disk full, I/O error, spool
     /// at its size cap, unreadable cursor).
     #[error("spool: {0}")]

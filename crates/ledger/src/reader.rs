@@ -205,7 +205,8 @@ pub struct FoldProgress {
 
 /// Fold every ledger row with `after < stream_seq < before` in stream order, a page at a time,
 /// into `page` (which also gets the progress so far), reading pages ahead of the fold. Returns
-/// the final progress.
+/// the final progress. Three stages overlap: Postgres reads a page, a blocking thread decodes
+/// the one before, `page` folds the one before that.
 pub async fn fold_by_seq(
     pool: &PgPool,
     after: u64,
@@ -213,25 +214,32 @@ pub async fn fold_by_seq(
     mut page: impl FnMut(&[(i64, Envelope)], &FoldProgress),
 ) -> Result<FoldProgress, Error> {
     let started = std::time::Instant::now();
+    // One raw page waits while the one before is decoded: the read never runs further ahead.
+    let (raw_tx, raw_rx) = tokio::sync::mpsc::channel(1);
     let (tx, mut rx) = tokio::sync::mpsc::channel(PREFETCH_PAGES);
     let reader = {
         let pool = pool.clone();
         tokio::spawn(async move {
             let mut at = after;
             loop {
-                let page = page_by_seq(&pool, at, before, PAGE_ROWS).await;
-                let next = match &page {
-                    Ok((_, Some(last))) => Some(u64::try_from(*last).unwrap_or(u64::MAX)),
+                let raw = raw_page_by_seq(&pool, at, before, PAGE_ROWS).await;
+                let next = match &raw {
+                    Ok(RawPage {
+                        last: Some(last), ..
+                    }) => Some(u64::try_from(*last).unwrap_or(u64::MAX)),
                     _ => None,
                 };
-                let last_page = next.is_none();
-                if tx.send(page).await.is_err() || last_page {
+                if raw_tx.send(raw).await.is_err() {
                     return;
                 }
-                at = next.unwrap_or(at);
+                match next {
+                    Some(n) => at = n,
+                    None => return,
+                }
             }
         })
     };
+    let decoder = tokio::spawn(decode_ahead(raw_rx, tx));
     let mut p = FoldProgress {
         last_seq: after,
         ..FoldProgress::default()
@@ -244,6 +252,36 @@ pub async fn fold_by_seq(
         p.rows_per_s = p.rows as f64 / started.elapsed().as_secs_f64().max(1e-6);
         page(&events, &p);
     }
+    drop(rx);
     let _ = reader.await;
+    let _ = decoder.await;
     Ok(p)
+}
+
+/// A decoded page and the sequence of its last row (None: nothing left).
+type Decoded = Result<(Vec<(i64, Envelope)>, Option<i64>), Error>;
+
+/// The decoding stage of [`fold_by_seq`]: each raw page decoded on a blocking thread (CPU work a
+/// runtime worker must not sit in), passed on in order; an error, or the last (empty) page, is
+/// passed on and ends the stage.
+async fn decode_ahead(
+    mut raw: tokio::sync::mpsc::Receiver<Result<RawPage, Error>>,
+    tx: tokio::sync::mpsc::Sender<Decoded>,
+) {
+    while let Some(next) = raw.recv().await {
+        let page = match next {
+            Ok(raw) => {
+                let last = raw.last;
+                tokio::task::spawn_blocking(move || raw.decode())
+                    .await
+                    .map(|events| (events, last))
+                    .map_err(Error::ReadAhead)
+            }
+            Err(e) => Err(e),
+        };
+        let done = !matches!(page, Ok((_, Some(_))));
+        if tx.send(page).await.is_err() || done {
+            return;
+        }
+    }
 }
