@@ -143,7 +143,8 @@ impl Subscription {
 struct Row {
     seq: u64,
     env: Envelope,
-    /// The message as published (valid UTF-8 JSON: it decoded), stored as `json`: the raw payload, byte for byte.
+    /// The message as published (valid UTF-8 JSON: it decoded), stored as `json`: the raw
+    /// payload, byte for byte.
     payload: String,
 }
 
