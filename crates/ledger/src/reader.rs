@@ -73,35 +73,11 @@ pub async fn contiguous_seq<'c, E: sqlx::PgExecutor<'c>>(conn: E) -> Result<u64,
     Ok(seq.unwrap_or(0).max(0) as u64)
 }
 
-/// Up to `limit` rows with `pos > after`, in `pos` (commit) order, as `(pos, event)`. Also
-/// returns the last `pos` read (rows that did not decode included), so a caller can move past
-/// them.
-pub async fn page_after_pos(
-    conn: &mut PgConnection,
-    after: i64,
-    limit: i64,
-) -> Result<(Vec<(i64, Envelope)>, Option<i64>), Error> {
-    let (events, last, _) = page_after_pos_of(conn, after, limit, None).await?;
-    Ok((events, last))
-}
-
-/// [`page_after_pos`] keeping only events of `types` (None: all). The page still spans `limit`
-/// rows and the last `pos` is that of the last row read, whatever its type, so a caller's
-/// checkpoint moves past the rows it has no use for; their payloads are neither converted to
-/// text by Postgres nor sent nor decoded (the usage projections need one type in three). Also
-/// returns how many rows the page spans.
-pub async fn page_after_pos_of(
-    conn: &mut PgConnection,
-    after: i64,
-    limit: i64,
-    types: Option<&[&str]>,
-) -> Result<(Vec<(i64, Envelope)>, Option<i64>, usize), Error> {
-    let raw = raw_page_after_pos_of(conn, after, limit, types).await?;
-    let (last, spanned) = (raw.last, raw.spanned);
-    Ok((raw.decode(), last, spanned))
-}
-
-/// [`page_after_pos_of`] without the decoding.
+/// Up to `limit` rows with `pos > after`, in `pos` (commit) order, keeping only the payloads of
+/// events of `types` (None: all). The page still spans `limit` rows and its last `pos` is that of
+/// the last row read, whatever its type, so a caller's checkpoint moves past the rows it has no
+/// use for; their payloads are neither converted to text by Postgres nor sent nor decoded (the
+/// usage projections need one type in three).
 pub async fn raw_page_after_pos_of(
     conn: &mut PgConnection,
     after: i64,
@@ -128,20 +104,8 @@ pub async fn raw_page_after_pos_of(
     })
 }
 
-/// Up to `limit` rows with `after < stream_seq < before`, in stream order, as `(seq, event)`,
-/// and the last sequence read (see [`page_after_pos`]).
-pub async fn page_by_seq<'c, E: sqlx::PgExecutor<'c>>(
-    pool: E,
-    after: u64,
-    before: u64,
-    limit: i64,
-) -> Result<(Vec<(i64, Envelope)>, Option<i64>), Error> {
-    let raw = raw_page_by_seq(pool, after, before, limit).await?;
-    let last = raw.last;
-    Ok((raw.decode(), last))
-}
-
-/// [`page_by_seq`] without the decoding.
+/// Up to `limit` rows with `after < stream_seq < before`, in stream order, and the last sequence
+/// read (see [`raw_page_after_pos_of`]).
 pub async fn raw_page_by_seq<'c, E: sqlx::PgExecutor<'c>>(
     pool: E,
     after: u64,

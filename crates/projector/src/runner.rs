@@ -417,18 +417,9 @@ async fn decode_ahead(
 ) {
     while let Some(next) = raw.recv().await {
         let page = match next {
-            Ok((from, raw)) => {
-                let (last, spanned) = (raw.last, raw.spanned);
-                match tokio::task::spawn_blocking(move || raw.decode()).await {
-                    Ok(events) => Ok(Page {
-                        from,
-                        events: events.into_iter().map(|(_, e)| e).collect(),
-                        last,
-                        spanned,
-                    }),
-                    Err(e) => Err(Error::ReadAhead(e)),
-                }
-            }
+            Ok((from, raw)) => tokio::task::spawn_blocking(move || Page::decoded(from, raw))
+                .await
+                .map_err(Error::ReadAhead),
             Err(e) => Err(e),
         };
         let failed = page.is_err();
@@ -450,6 +441,19 @@ pub struct Page {
     spanned: usize,
 }
 
+impl Page {
+    /// `raw`, read after checkpoint `from`, with its events decoded.
+    fn decoded(from: i64, raw: RawPage) -> Page {
+        let (last, spanned) = (raw.last, raw.spanned);
+        Page {
+            from,
+            events: raw.decode().into_iter().map(|(_, e)| e).collect(),
+            last,
+            spanned,
+        }
+    }
+}
+
 async fn read_page(
     conn: &mut PgConnection,
     order: Order,
@@ -457,13 +461,8 @@ async fn read_page(
     limit: i64,
     types: Option<&[&str]>,
 ) -> Result<Page, Error> {
-    let (events, last, spanned) = read_after(conn, order, from, limit, types).await?;
-    Ok(Page {
-        from,
-        events: events.into_iter().map(|(_, e)| e).collect(),
-        last,
-        spanned,
-    })
+    let raw = read_raw_after(conn, order, from, limit, types).await?;
+    Ok(Page::decoded(from, raw))
 }
 
 /// Lock (creating it at 0) the checkpoint row `key`: two runners of one projection must not fold
@@ -483,21 +482,9 @@ pub async fn lock_checkpoint(tx: &mut PgConnection, key: &str) -> Result<i64, Er
     .await?)
 }
 
-/// Up to `limit` rows after `from` in `order`: `pos` order (only events of `types`), or stream
-/// order up to the writer's contiguous watermark (every type: stream-ordered folds need all).
-async fn read_after(
-    tx: &mut PgConnection,
-    order: Order,
-    from: i64,
-    limit: i64,
-    types: Option<&[&str]>,
-) -> Result<(Vec<(i64, Envelope)>, Option<i64>, usize), Error> {
-    let raw = read_raw_after(tx, order, from, limit, types).await?;
-    let (last, spanned) = (raw.last, raw.spanned);
-    Ok((raw.decode(), last, spanned))
-}
-
-/// [`read_after`] without the decoding.
+/// Up to `limit` rows after `from` in `order`, not decoded yet: `pos` order (only events of
+/// `types`), or stream order up to the writer's contiguous watermark (every type: stream-ordered
+/// folds need all).
 async fn read_raw_after(
     tx: &mut PgConnection,
     order: Order,

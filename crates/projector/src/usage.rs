@@ -347,13 +347,7 @@ pub async fn usage_series(
             |(b, requests, input_tokens, output_tokens, cost, credits)| {
                 (
                     b,
-                    Usage {
-                        requests,
-                        input_tokens,
-                        output_tokens,
-                        cost,
-                        credits,
-                    },
+                    Usage::from_amounts([requests, input_tokens, output_tokens, cost, credits]),
                 )
             },
         )
