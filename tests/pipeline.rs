@@ -221,6 +221,17 @@ async fn duplicates_and_redeliveries_change_nothing() {
     })
     .await;
     assert_eq!(env.ledger_count().await, 1, "one fact, one row");
+    // The row keeps the payload exactly as it was published (ADR 0007), not a re-rendering.
+    let stored: String =
+        sqlx::query_scalar("SELECT payload::text FROM ledger WHERE request_id = 'dup-1'")
+            .fetch_one(env.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        String::from_utf8(e1.encode()).unwrap(),
+        "the raw payload, byte for byte"
+    );
 
     // Lost acks: the consumer forgets everything it acked and redelivers the whole stream.
     ledger.trigger();
