@@ -478,7 +478,15 @@ async fn audit_instance(
     }
     report.checkpoint = Some(seq);
     let ledger = ledger.quota(tx, (Order::StreamSeq, seq)).await?;
+    // An instance decides now, so it compacts usage by the wall clock: windows that began more
+    // than `--max-backfill` ago are no longer held exactly there (as for the snapshot below).
+    let backfill = chrono::Duration::from_std(common.max_backfill).unwrap_or(chrono::Duration::MAX);
+    let floor = chrono::Utc::now().checked_sub_signed(backfill);
     for ((policy_id, subject, start), live) in keys.iter().zip(used) {
+        if start.is_some_and(|s| floor.is_none_or(|f| s < f)) {
+            report.not_comparable += 1;
+            continue;
+        }
         let recomputed = pool_used(ledger, policy_id, subject, *start);
         let (Some(live), Some(recomputed)) = (live, recomputed) else {
             report.not_comparable += 1;

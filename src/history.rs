@@ -103,14 +103,17 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
-    async fn emit(&mut self, env: Envelope) -> anyhow::Result<()> {
+    /// Fold and queue `env`, its id stamped with its event time ([`stamped`]); returns the id.
+    async fn emit(&mut self, env: Envelope) -> anyhow::Result<uuid::Uuid> {
+        let env = stamped(env);
+        let id = env.id;
         self.q.apply(&env);
         self.pending.push(env);
         self.stats.events += 1;
         if self.pending.len() >= PUBLISH_ROUND {
             self.flush().await?;
         }
-        Ok(())
+        Ok(id)
     }
 
     async fn flush(&mut self) -> anyhow::Result<()> {
@@ -383,6 +386,22 @@ pub async fn fold(
     generate(None, spec, progress).await
 }
 
+/// `env` as the API would have written it at its event time: its id (a UUID v7) stamped with
+/// that time, and an admission's `admission_id` with it. The API stamps ids with its own clock
+/// and takes events at most `--max-backfill` before it, so a fold's stream clock (the newest id
+/// time) follows the history; ids stamped at generation time would make the whole history look
+/// backfilled by up to `days`, which no deployment can write.
+fn stamped(mut env: Envelope) -> Envelope {
+    let t = env.occurred_at;
+    let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+    let ts = uuid::Timestamp::from_unix(uuid::NoContext, secs, t.timestamp_subsec_nanos());
+    env.id = uuid::Uuid::new_v7(ts);
+    if let EventData::AdmissionDecided(a) = &mut env.data {
+        a.admission_id = env.id;
+    }
+    env
+}
+
 async fn generate(
     publisher: Option<&Publisher>,
     spec: &HistorySpec,
@@ -480,9 +499,8 @@ async fn request(
             received_at: at,
         })
     });
-    let admission_id = env.id;
     w.stats.admissions += 1;
-    w.emit(env).await?;
+    let admission_id = w.emit(env).await?;
     if !d.admitted {
         w.stats.refused += 1;
         return Ok(());
@@ -505,7 +523,9 @@ async fn request(
     match rng.below(20) {
         0 => {
             let data = EventData::ReservationReleased(ReservationEnded { admission_id });
-            w.emit(Envelope::new(data, at, Some(rid), Some(leaf))).await
+            w.emit(Envelope::new(data, at, Some(rid), Some(leaf)))
+                .await
+                .map(drop)
         }
         1 | 2 => {
             // Streaming: three chunks of output tokens, the request counted by the last.
@@ -540,6 +560,7 @@ async fn request(
                 Some(leaf),
             ))
             .await
+            .map(drop)
         }
     }
 }
@@ -576,4 +597,5 @@ async fn direct(
         Some(leaf.clone()),
     ))
     .await
+    .map(drop)
 }

@@ -305,12 +305,14 @@ async fn audit_names_a_tampered_row_and_replay_repairs_it() {
 }
 
 /// Test 3: a replay while admissions and settlements keep coming ends equal to a
-/// recomputation from the ledger.
+/// recomputation from the ledger, in the windows of all its history: the history reaches back
+/// 90 days, past `--max-backfill` (35 days), so a rebuild that compacted usage by the wall clock
+/// instead of the stream's would write its old windows short.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_under_load_equals_the_ledger() {
     let env = TestEnv::new(&["--snapshot-every", "20000"]).await;
     let stack = Arc::new(Stack::start(&env).await);
-    // 60,000 events over 30 days (2,000 keys, users, teams, customers, policies), then live
+    // 60,000 events over 90 days (2,000 keys, users, teams, customers, policies), then live
     // traffic over HTTP while both projections are rebuilt beside the live ones.
     let spec = tally::history::HistorySpec {
         events: 60_000,
@@ -318,7 +320,7 @@ async fn replay_under_load_equals_the_ledger() {
         users: 200,
         teams: 20,
         customers: 5,
-        days: 30,
+        days: 90,
         seed: 7,
     };
     let publisher = tally_ledger::Publisher::new(env.conns.js.clone(), env.conns.stream.clone());

@@ -171,8 +171,13 @@ impl QuotaProjection {
             let now = Utc::now();
             let backfill =
                 chrono::Duration::from_std(s.max_backfill).unwrap_or(chrono::Duration::MAX);
-            let h = horizons(&f.q.config, now, backfill);
-            let floor = now.checked_sub_signed(backfill).unwrap_or(now);
+            // Compaction follows the fold's stream clock (the newest server time folded), not
+            // the wall clock: the rows this projection writes are the windows of the events it
+            // folds, so a rebuild over last year's events must keep what those windows needed
+            // then. Following live, the clock is the wall clock within the tail's lag.
+            let at = f.q.clock().map_or(now, |c| c.min(now));
+            let h = horizons(&f.q.config, at, backfill);
+            let floor = at.checked_sub_signed(backfill).unwrap_or(at);
             f.q.compact(&h, floor, COMPACT_SUBJECTS_PER_BATCH);
             f.q.prune();
             let quiet_due = quiet
