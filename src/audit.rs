@@ -694,7 +694,19 @@ impl Recomputed {
             Some(((o, done), q)) if o == order && done <= at => (done, q),
             _ => (0, QuotaState::default()),
         };
-        fold_ledger(tx, order, (from, at), |env| q.apply(env)).await?;
+        // Closed requests are forgotten as the live state and the quota projection forget
+        // them (no total depends on them), so the audit's memory follows the open requests,
+        // not the number of requests in the history. Usage is not compacted: the audit compares
+        // pools at any window the projections still hold.
+        let mut folded = 0u64;
+        fold_ledger(tx, order, (from, at), |env| {
+            q.apply(env);
+            folded += 1;
+            if folded.is_multiple_of(crate::whatif::MAINTAIN_EVERY_EVENTS) {
+                q.prune();
+            }
+        })
+        .await?;
         Ok(&self.quota.insert(((order, at), q)).1)
     }
 }

@@ -7,12 +7,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use tally_events::quota::{AdmitRequest, CREDITS_CHECK, QuotaState};
+use tally_events::quota::{AdmitRequest, CREDITS_CHECK, MAX_OPEN_REQUESTS, QuotaState, horizons};
 use tally_events::{
     Boundary, Envelope, EventData, Metric, OnExhausted, Outcome, PolicyUpserted, Subject, Usage,
     Window,
@@ -25,6 +26,15 @@ use crate::cli::CommonArgs;
 pub const MAX_CANDIDATES: usize = 100;
 /// Largest candidate file read.
 pub const MAX_POLICY_FILE_BYTES: u64 = 1 << 20;
+/// Events folded between two rounds of forgetting what a live instance would have forgotten
+/// (closed requests, compacted usage): the counterfactual's memory follows the active pools and
+/// open requests, as the live state's does, not the length of the history it replays.
+pub const MAINTAIN_EVERY_EVENTS: u64 = 10_000;
+/// Subjects whose usage is compacted in one round (a round of the whole state every few).
+const COMPACT_SUBJECTS_PER_ROUND: usize = 20_000;
+/// Most refused requests remembered at once, as many as the live state keeps open requests:
+/// past it, the closed ones seen longest ago are forgotten first.
+pub const MAX_REFUSED_REQUESTS: usize = MAX_OPEN_REQUESTS;
 
 /// `tally whatif` settings.
 #[derive(Debug, Clone, Args)]
@@ -163,7 +173,10 @@ pub async fn run(args: WhatifArgs) -> anyhow::Result<i32> {
         .await?;
     let idempotency = chrono::Duration::from_std(args.common.reservation_ttl * 2)
         .unwrap_or(chrono::Duration::MAX);
-    let mut w = Counterfactual::new(candidates, args.replace, (args.from, args.to), idempotency);
+    let backfill =
+        chrono::Duration::from_std(args.common.max_backfill).unwrap_or(chrono::Duration::MAX);
+    let range = (args.from, args.to);
+    let mut w = Counterfactual::new(candidates, args.replace, range, idempotency, backfill);
     let mut failure = None;
     let rows = fold_ledger(
         &mut tx,
@@ -225,10 +238,25 @@ pub struct Counterfactual {
     replace: bool,
     range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
     started: bool,
-    /// Requests a candidate refused → the (subject, policy) charged with them.
-    refused: HashMap<String, (String, String)>,
+    /// Admissions a candidate refused (by admission id: a request id reused later names a new
+    /// request) → the (subject, policy) charged with their usage.
+    refused: HashMap<uuid::Uuid, Refused>,
     impacts: BTreeMap<(String, String), Impact>,
     decided: u64,
+    /// How far before the stream's clock an admission may be decided (`--max-backfill`): the
+    /// usage compaction keeps every window exact from there on.
+    backfill: chrono::Duration,
+    folded: u64,
+}
+
+/// A request whose admission a candidate refused.
+struct Refused {
+    /// The (pool subject, candidate policy) charged with its usage.
+    key: Arc<(String, String)>,
+    /// Its final settlement or release arrived (later copies of its settlements are still its).
+    closed: bool,
+    /// Event time of its last event.
+    seen_at: DateTime<Utc>,
 }
 
 impl Counterfactual {
@@ -238,6 +266,7 @@ impl Counterfactual {
         replace: bool,
         range: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
         idempotency: chrono::Duration,
+        backfill: chrono::Duration,
     ) -> Self {
         let mut state = QuotaState::default();
         state.set_idempotency(idempotency);
@@ -250,6 +279,8 @@ impl Counterfactual {
             refused: HashMap::new(),
             impacts: BTreeMap::new(),
             decided: 0,
+            backfill,
+            folded: 0,
         }
     }
 
@@ -267,7 +298,10 @@ impl Counterfactual {
                 self.state.apply(&e);
             }
         }
-        let rid = env.request_id.clone().unwrap_or_default();
+        self.folded += 1;
+        if self.folded.is_multiple_of(MAINTAIN_EVERY_EVENTS) {
+            self.maintain();
+        }
         match &env.data {
             EventData::PolicyUpserted(p) if self.is_candidate(&p.policy_id) => {
                 return self.clash(&p.policy_id);
@@ -280,21 +314,61 @@ impl Counterfactual {
                 return Ok(());
             }
             EventData::UsageSettled(s) => {
-                if let Some(key) = self.refused.get(&rid) {
-                    let impact = self.impacts.entry(key.clone()).or_default();
+                if let Some(r) = s.admission_id.and_then(|id| self.refused.get_mut(&id)) {
+                    r.closed |= s.is_final;
+                    r.seen_at = r.seen_at.max(env.occurred_at);
+                    let impact = self.impacts.entry((*r.key).clone()).or_default();
                     impact.blocked_usage = impact.blocked_usage.plus(&s.usage);
                     return Ok(());
                 }
             }
-            EventData::ReservationReleased(_) | EventData::ReservationExpired(_)
-                if self.refused.contains_key(&rid) =>
-            {
-                return Ok(());
+            EventData::ReservationReleased(e) | EventData::ReservationExpired(e) => {
+                if let Some(r) = self.refused.get_mut(&e.admission_id) {
+                    r.closed = true;
+                    r.seen_at = r.seen_at.max(env.occurred_at);
+                    return Ok(());
+                }
             }
             _ => {}
         }
         self.state.apply(env);
         Ok(())
+    }
+
+    /// Forget what a live instance would have forgotten by the stream's clock: closed requests
+    /// past the idempotency window, usage older than any window still needs at minute (or hour)
+    /// resolution, and refused requests closed as long ago.
+    fn maintain(&mut self) {
+        self.state.prune();
+        let Some(clock) = self.state.clock() else {
+            return;
+        };
+        let h = horizons(&self.state.config, clock, self.backfill);
+        let floor = clock.checked_sub_signed(self.backfill).unwrap_or(clock);
+        self.state.compact(&h, floor, COMPACT_SUBJECTS_PER_ROUND);
+        let horizon = clock
+            .checked_sub_signed(self.state.idempotency())
+            .unwrap_or(clock);
+        self.refused
+            .retain(|_, r| !r.closed || r.seen_at >= horizon);
+        if self.refused.len() > MAX_REFUSED_REQUESTS {
+            let mut closed: Vec<_> = self
+                .refused
+                .iter()
+                .filter(|(_, r)| r.closed)
+                .map(|(id, r)| (r.seen_at, *id))
+                .collect();
+            closed.sort_unstable();
+            let excess = self.refused.len() - MAX_REFUSED_REQUESTS;
+            for (_, id) in closed.into_iter().take(excess) {
+                self.refused.remove(&id);
+            }
+        }
+    }
+
+    /// Refused requests remembered now (for tests of the bound).
+    pub fn refused_remembered(&self) -> usize {
+        self.refused.len()
     }
 
     fn clash(&self, id: &str) -> anyhow::Result<()> {
@@ -334,9 +408,12 @@ impl Counterfactual {
         let impact = self.impacts.entry(key.clone()).or_default();
         impact.refused += 1;
         impact.first_refused_at.get_or_insert(env.occurred_at);
-        if let Some(rid) = &env.request_id {
-            self.refused.insert(rid.clone(), key);
-        }
+        let refused = Refused {
+            key: Arc::new(key),
+            closed: false,
+            seen_at: env.occurred_at,
+        };
+        self.refused.insert(a.admission_id, refused);
         true
     }
 
@@ -355,5 +432,168 @@ impl Counterfactual {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_events::{AdmissionDecided, CalendarUnit, ReservationEnded, SubjectUpserted};
+    use tally_events::{UsageSettled, quota::DEFAULT_IDEMPOTENCY_MINUTES};
+
+    fn t0() -> DateTime<Utc> {
+        "2026-11-20T10:00:00Z".parse().unwrap()
+    }
+
+    fn k0() -> Subject {
+        Subject::parse("key:k0").unwrap()
+    }
+
+    fn candidate(limit: i64) -> PolicyUpserted {
+        PolicyUpserted {
+            policy_id: "k0-daily".into(),
+            subject: k0(),
+            model_group: None,
+            metric: Metric::Requests,
+            limit,
+            window: Window::Calendar {
+                unit: CalendarUnit::Day,
+                timezone: None,
+                reset_at: None,
+                week_start: None,
+            },
+            boundary: Boundary::default(),
+            on_exhausted: OnExhausted::default(),
+            enabled: true,
+        }
+    }
+
+    fn counterfactual(limit: i64) -> Counterfactual {
+        let idempotency = chrono::Duration::minutes(DEFAULT_IDEMPOTENCY_MINUTES);
+        let backfill = chrono::Duration::days(35);
+        let mut w = Counterfactual::new(
+            vec![candidate(limit)],
+            false,
+            (None, None),
+            idempotency,
+            backfill,
+        );
+        let subject = SubjectUpserted {
+            parent: None,
+            groups: vec![],
+            disabled: false,
+        };
+        let e = Envelope::new(EventData::SubjectUpserted(subject), t0(), None, Some(k0()));
+        w.apply(&e).unwrap();
+        w
+    }
+
+    /// An admitted request: its admission, one settlement of `cost` (final when `end` is None)
+    /// and, with `end`, the event that ends it instead.
+    fn request(rid: &str, at: DateTime<Utc>, cost: i64, end: Option<bool>) -> Vec<Envelope> {
+        let usage = |requests, cost| Usage {
+            requests,
+            cost,
+            ..Usage::default()
+        };
+        let mut adm = Envelope::new(
+            EventData::SubjectDeleted(Default::default()),
+            at,
+            Some(rid.into()),
+            Some(k0()),
+        );
+        adm.data = EventData::AdmissionDecided(AdmissionDecided {
+            admission_id: adm.id,
+            admitted: true,
+            reason: None,
+            retry_after_seconds: None,
+            model: None,
+            model_group: None,
+            chain: vec![k0()],
+            estimate: usage(1, 0),
+            counted_in_key_global: true,
+            counted_in_user_global: true,
+            checks: vec![],
+            received_at: at,
+        });
+        let settled = EventData::UsageSettled(UsageSettled {
+            settlement_id: format!("{rid}:0"),
+            usage: usage(1, cost),
+            success: true,
+            is_final: end.is_none(),
+            seq: 0,
+            matched_admission: true,
+            admission_id: Some(adm.id),
+            model: None,
+            model_group: None,
+            chain: vec![k0()],
+            counted_in_key_global: true,
+            counted_in_user_global: true,
+            window_at: at,
+        });
+        let later = at + chrono::Duration::seconds(1);
+        let mut out = vec![
+            adm.clone(),
+            Envelope::new(settled, later, Some(rid.into()), Some(k0())),
+        ];
+        if let Some(released) = end {
+            let ended = ReservationEnded {
+                admission_id: adm.id,
+            };
+            let data = if released {
+                EventData::ReservationReleased(ended)
+            } else {
+                EventData::ReservationExpired(ended)
+            };
+            out.push(Envelope::new(data, later, Some(rid.into()), Some(k0())));
+        }
+        out
+    }
+
+    /// A request id reused after its idempotency window names a new request (SPEC §4.6): the
+    /// candidate refused the first, not the second, and only the first one's usage is blocked.
+    #[test]
+    fn a_reused_request_id_is_a_new_request() {
+        let mut w = counterfactual(1);
+        let day = chrono::Duration::days(1);
+        let minute = chrono::Duration::minutes(1);
+        let events = [
+            request("r0", t0(), 5, None),
+            request("r1", t0() + minute, 100, None),
+            request("r1", t0() + day, 7, None),
+        ];
+        for e in events.iter().flatten() {
+            w.apply(e).unwrap();
+        }
+        let r = w.report(0);
+        assert_eq!(r.admissions_decided, 3);
+        assert_eq!(r.impacts.len(), 1);
+        assert_eq!(r.impacts[0].impact.refused, 1);
+        assert_eq!(r.impacts[0].impact.blocked_usage.cost, 100);
+        assert_eq!(r.impacts[0].impact.first_refused_at, Some(t0() + minute));
+    }
+
+    /// Over a long history every admission refused and ended (settled for good, released or
+    /// expired), the requests remembered stay those of the last idempotency window, and their
+    /// late settlements are still blocked.
+    #[test]
+    fn refused_requests_are_forgotten_once_ended() {
+        let mut w = counterfactual(0);
+        let n = 30_000u32;
+        for i in 0..n {
+            let at = t0() + chrono::Duration::seconds(2 * i64::from(i));
+            let end = [None, Some(true), Some(false)][i as usize % 3];
+            for e in request(&format!("r{i}"), at, 1, end) {
+                w.apply(&e).unwrap();
+            }
+        }
+        let window_requests = (DEFAULT_IDEMPOTENCY_MINUTES * 60 / 2) as usize;
+        let remembered = w.refused_remembered();
+        // Up to one maintenance interval of requests (< 5,000 here) arrives after the last round.
+        assert!(remembered <= window_requests + 5_000, "{remembered}");
+        assert!(remembered < n as usize / 3, "{remembered}");
+        let r = w.report(0);
+        assert_eq!(r.impacts[0].impact.refused, u64::from(n));
+        assert_eq!(r.impacts[0].impact.blocked_usage.cost, i64::from(n));
     }
 }

@@ -351,6 +351,11 @@ impl QuotaState {
         self.idempotency = d;
     }
 
+    /// How long a request id names one request.
+    pub fn idempotency(&self) -> chrono::Duration {
+        self.idempotency
+    }
+
     /// The stream clock: the latest server time folded.
     pub fn clock(&self) -> Option<DateTime<Utc>> {
         self.clock
