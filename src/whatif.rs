@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
@@ -252,7 +251,7 @@ pub struct Counterfactual {
 /// A request whose admission a candidate refused.
 struct Refused {
     /// The (pool subject, candidate policy) charged with its usage.
-    key: Arc<(String, String)>,
+    key: (String, String),
     /// Its final settlement or release arrived (later copies of its settlements are still its).
     closed: bool,
     /// Event time of its last event.
@@ -317,7 +316,7 @@ impl Counterfactual {
                 if let Some(r) = s.admission_id.and_then(|id| self.refused.get_mut(&id)) {
                     r.closed |= s.is_final;
                     r.seen_at = r.seen_at.max(env.occurred_at);
-                    let impact = self.impacts.entry((*r.key).clone()).or_default();
+                    let impact = self.impacts.entry(r.key.clone()).or_default();
                     impact.blocked_usage = impact.blocked_usage.plus(&s.usage);
                     return Ok(());
                 }
@@ -409,7 +408,7 @@ impl Counterfactual {
         impact.refused += 1;
         impact.first_refused_at.get_or_insert(env.occurred_at);
         let refused = Refused {
-            key: Arc::new(key),
+            key,
             closed: false,
             seen_at: env.occurred_at,
         };
