@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use tally_events::quota::{AdmitRequest, CREDITS_CHECK, MAX_OPEN_REQUESTS, QuotaState, horizons};
+use tally_events::quota::{AdmitRequest, CREDITS_CHECK, MAX_OPEN_REQUESTS, QuotaState};
 use tally_events::{
     Boundary, Envelope, EventData, Metric, OnExhausted, Outcome, PolicyUpserted, Subject, Usage,
     Window,
@@ -342,9 +342,8 @@ impl Counterfactual {
         let Some(clock) = self.state.clock() else {
             return;
         };
-        let h = horizons(&self.state.config, clock, self.backfill);
-        let floor = clock.checked_sub_signed(self.backfill).unwrap_or(clock);
-        self.state.compact(&h, floor, COMPACT_SUBJECTS_PER_ROUND);
+        self.state
+            .compact_as_of(clock, self.backfill, COMPACT_SUBJECTS_PER_ROUND);
         let horizon = clock
             .checked_sub_signed(self.state.idempotency())
             .unwrap_or(clock);

@@ -13,7 +13,7 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use futures::StreamExt;
 use serde::Serialize;
 use tally_events::Envelope;
-use tally_events::quota::{QuotaState, horizons};
+use tally_events::quota::QuotaState;
 
 use crate::AppState;
 
@@ -171,12 +171,7 @@ fn maintain(state: &AppState, q: &mut QuotaState, subjects: usize) {
     let now = chrono::Utc::now();
     q.prune();
     let backfill = chrono::Duration::from_std(cfg.max_backfill).unwrap_or(chrono::Duration::MAX);
-    let h = horizons(&q.config, now, backfill);
-    q.compact(
-        &h,
-        now.checked_sub_signed(backfill).unwrap_or(now),
-        subjects,
-    );
+    q.compact_as_of(now, backfill, subjects);
 }
 
 /// The follow task: wait for an earlier run's spool, build the state once, then follow the

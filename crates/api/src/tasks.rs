@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tally_events::Envelope;
-use tally_events::quota::horizons;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -152,13 +151,12 @@ async fn compact_task(state: AppState, mut stop: watch::Receiver<bool>) -> Resul
         if !state.0.tail_ready.load(Ordering::Relaxed) {
             continue;
         }
-        let now = chrono::Utc::now();
         let backfill = chrono::Duration::from_std(state.0.config.max_backfill)
             .unwrap_or(chrono::Duration::MAX);
-        let floor = now.checked_sub_signed(backfill).unwrap_or(now);
-        let mut q = state.quota();
-        let h = horizons(&q.config, now, backfill);
-        q.compact(&h, floor, COMPACT_SUBJECTS_PER_ROUND);
+        let now = chrono::Utc::now();
+        state
+            .quota()
+            .compact_as_of(now, backfill, COMPACT_SUBJECTS_PER_ROUND);
     }
 }
 

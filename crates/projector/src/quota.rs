@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use sqlx::{PgConnection, PgPool};
 use tally_events::Envelope;
-use tally_events::quota::{QuotaState, horizons};
+use tally_events::quota::QuotaState;
 
 use crate::Error;
 use crate::claims::{Claim, ClaimsFuture, DayRange};
@@ -176,9 +176,7 @@ impl QuotaProjection {
             // folds, so a rebuild over last year's events must keep what those windows needed
             // then. Following live, the clock is the wall clock within the tail's lag.
             let at = f.q.clock().map_or(now, |c| c.min(now));
-            let h = horizons(&f.q.config, at, backfill);
-            let floor = at.checked_sub_signed(backfill).unwrap_or(at);
-            f.q.compact(&h, floor, COMPACT_SUBJECTS_PER_BATCH);
+            f.q.compact_as_of(at, backfill, COMPACT_SUBJECTS_PER_BATCH);
             f.q.prune();
             let quiet_due = quiet
                 && f.last_quiet_snapshot

@@ -956,6 +956,20 @@ impl QuotaState {
         batch.len()
     }
 
+    /// [`Self::compact`] to the horizons ([`super::horizons`]) that keep every window of every
+    /// policy exact when evaluated between `at − backfill` and `at`, forgetting resets older
+    /// than `at − backfill`. Returns how many subjects were compacted.
+    pub fn compact_as_of(
+        &mut self,
+        at: DateTime<Utc>,
+        backfill: chrono::Duration,
+        max_subjects: usize,
+    ) -> usize {
+        let h = super::horizons(&self.config, at, backfill);
+        let floor = at.checked_sub_signed(backfill).unwrap_or(at);
+        self.compact(&h, floor, max_subjects)
+    }
+
     /// Drop resets whose window ended before `min_time` (calendar, periodic) or whose captured
     /// minutes all left every rolling window evaluated from `min_time` on.
     fn prune_resets(&mut self, min_time: DateTime<Utc>) {
