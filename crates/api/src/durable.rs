@@ -29,7 +29,9 @@ impl AppState {
                     Err(tally_ledger::Error::InvalidEvent(e)) => return Err(e.into()),
                     // The ack may still have been lost after the server stored it; the spooled
                     // copy then carries the same id and is deduplicated.
-                    Err(e) => tracing::warn!(error = %e, "publish failed; spooling"),
+                    Err(e) => {
+                        tracing::warn!(error = %tally_ledger::error::Chain(&e), "publish failed; spooling")
+                    }
                 }
             }
             return spool.append(env).await.map_err(|e| {
@@ -75,9 +77,10 @@ impl AppState {
         };
         tokio::select! {
             r = self.0.publisher.publish(env) => r.map(drop),
-            _ = dropped => Err(tally_ledger::Error::Publish(
-                "NATS disconnected before the ack arrived".into(),
-            )),
+            _ = dropped => Err(tally_ledger::Error::Publish {
+                context: "NATS disconnected before the ack arrived",
+                source: None,
+            }),
         }
     }
 
@@ -124,7 +127,7 @@ impl AppState {
             match self.publish(&env).await {
                 Ok(()) => self.quota().apply(&env),
                 Err(e) => {
-                    tracing::warn!(error = %e, policy_id = %a.policy_id, "threshold alert not published")
+                    tracing::warn!(error = %tally_ledger::error::Chain(&e), policy_id = %a.policy_id, "threshold alert not published")
                 }
             }
         }
@@ -147,7 +150,8 @@ pub(crate) fn derived_id(key: &str) -> uuid::Uuid {
 
 /// SPEC §4.5: an admission that could not be recorded answers `503 {"reason":"unavailable"}`.
 pub(crate) fn unavailable_admission(e: ApiError, request_id: &str) -> ApiError {
-    if let ApiError::Unavailable(detail) = &e {
+    if let ApiError::Unavailable(cause) = &e {
+        let detail = tally_ledger::error::Chain(cause.as_ref());
         tracing::warn!(%detail, request_id, "admission not recorded");
     }
     e

@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tally_ledger::error::{Cause, Chain};
 
 /// "Dependency unavailable" warnings: during an outage (NATS away, the state still loading)
 /// every request fails alike, at whatever rate clients send; the access log already has a line
@@ -89,15 +90,15 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
-    /// 503: a dependency is unreachable; the write did not happen.
-    #[error("unavailable: {0}")]
-    Unavailable(String),
+    /// 503: a dependency is unreachable; the write did not happen. The cause is logged.
+    #[error("unavailable")]
+    Unavailable(#[source] Cause),
     /// 503 with `Retry-After`: what was asked is read from a projection still being built.
     #[error("the `{0}` projection is being built from the ledger; retry shortly")]
     Building(&'static str),
-    /// 500: a bug or an unexpected dependency failure; details are logged.
+    /// 500: a bug or an unexpected dependency failure; the cause is logged.
     #[error("internal error")]
-    Internal(String),
+    Internal(#[source] Cause),
 }
 
 impl ApiError {
@@ -159,12 +160,15 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _) = self.status();
         match &self {
-            ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
-            ApiError::Unavailable(detail) => {
+            ApiError::Internal(cause) => {
+                tracing::error!(detail = %Chain(cause.as_ref()), "internal error");
+            }
+            ApiError::Unavailable(cause) => {
                 let now_s = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
                 if let Some(suppressed) = UNAVAILABLE_WARNINGS.due(now_s) {
+                    let detail = Chain(cause.as_ref());
                     tracing::warn!(%detail, suppressed, "dependency unavailable");
                 }
             }
@@ -201,15 +205,15 @@ impl From<tally_ledger::Error> for ApiError {
     fn from(e: tally_ledger::Error) -> Self {
         match e {
             tally_ledger::Error::InvalidEvent(e) => e.into(),
-            tally_ledger::Error::Publish(m)
-            | tally_ledger::Error::JetStream(m)
-            | tally_ledger::Error::Spool(m) => ApiError::Unavailable(m),
+            e @ (tally_ledger::Error::Publish { .. }
+            | tally_ledger::Error::JetStream { .. }
+            | tally_ledger::Error::Spool { .. }) => ApiError::Unavailable(Box::new(e)),
             tally_ledger::Error::ConcurrentWrite { .. } => ApiError::Conflict {
                 field: None,
                 message: CONCURRENT_CONFIG_WRITE.into(),
             },
             tally_ledger::Error::Database(e) => e.into(),
-            other => ApiError::Internal(other.to_string()),
+            other => ApiError::Internal(Box::new(other)),
         }
     }
 }
@@ -225,9 +229,9 @@ impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                ApiError::Unavailable(e.to_string())
+                ApiError::Unavailable(Box::new(e))
             }
-            _ => ApiError::Internal(e.to_string()),
+            _ => ApiError::Internal(Box::new(e)),
         }
     }
 }
@@ -244,7 +248,7 @@ impl From<tally_projector::Error> for ApiError {
                 field: None,
                 message,
             },
-            other => ApiError::Internal(other.to_string()),
+            other => ApiError::Internal(Box::new(other)),
         }
     }
 }

@@ -48,8 +48,7 @@ pub async fn daily_usage(
     let report = daily_report(&state.0.db, state.0.config.report_tz, &query).await?;
     let next = report.next_cursor.as_ref().map(encode_cursor);
     if !csv {
-        let mut body = serde_json::to_value(&report)
-            .map_err(|e| ApiError::Internal(format!("report body: {e}")))?;
+        let mut body = serde_json::to_value(&report).map_err(|e| ApiError::Internal(e.into()))?;
         body["next_cursor"] = next.into();
         return Ok(Json(body).into_response());
     }
@@ -157,7 +156,7 @@ fn decode_cursor(text: &str) -> Result<ReportCursor, ApiError> {
 
 fn to_csv(report: &DailyReport) -> Result<String, ApiError> {
     let mut w = csv::Writer::from_writer(Vec::new());
-    let failed = |e: csv::Error| ApiError::Internal(format!("writing CSV: {e}"));
+    let failed = |e: csv::Error| ApiError::Internal(e.into());
     w.write_record([
         "day",
         "subject",
@@ -185,8 +184,8 @@ fn to_csv(report: &DailyReport) -> Result<String, ApiError> {
     }
     let bytes = w
         .into_inner()
-        .map_err(|e| ApiError::Internal(format!("writing CSV: {e}")))?;
-    String::from_utf8(bytes).map_err(|e| ApiError::Internal(format!("CSV is not UTF-8: {e}")))
+        .map_err(|e| ApiError::Internal(e.into_error().into()))?;
+    String::from_utf8(bytes).map_err(|e| ApiError::Internal(e.into()))
 }
 
 #[cfg(test)]

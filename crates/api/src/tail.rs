@@ -14,6 +14,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use tally_events::Envelope;
 use tally_events::quota::QuotaState;
+use tally_ledger::error::Chain;
 
 use crate::AppState;
 
@@ -102,7 +103,7 @@ async fn rebuild(state: &AppState) -> Result<u64, String> {
     state.set_startup(|s| s.phase = "loading_snapshot");
     let loaded = tally_ledger::snapshots::load_newest(&state.0.db, &stream, frontier - 1)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Chain(&e).to_string())?;
     let mut fallbacks: Vec<String> = loaded
         .skipped
         .iter()
@@ -144,7 +145,7 @@ async fn rebuild(state: &AppState) -> Result<u64, String> {
         state.set_startup(|s| (s.rows_folded, s.rows_per_s) = (p.rows, p.rows_per_s));
     })
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| Chain(&e).to_string())?;
     maintain(state, &mut q, usize::MAX);
     *state.quota() = q;
     state.0.tail_seq.store(frontier - 1, Ordering::Release);

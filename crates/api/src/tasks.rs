@@ -176,7 +176,7 @@ async fn expire_reservations(state: &AppState) {
         let mut env = Envelope::new(data, now, Some(request_id.clone()), leaf);
         env.id = crate::durable::derived_id(&format!("expired|{admission_id}"));
         if let Err(e) = state.publish(&env).await {
-            tracing::warn!(error = %e, request_id, "reservation expiry not published; retrying");
+            tracing::warn!(error = %tally_ledger::error::Chain(&e), request_id, "reservation expiry not published; retrying");
             return;
         }
         state.quota().apply(&env);

@@ -73,5 +73,14 @@ pub enum SnapshotError {
     },
     /// The body does not decode.
     #[error("body does not decode: {0}")]
-    Body(String),
+    Body(#[source] postcard::Error),
+    /// A policy in the body no longer compiles to a window.
+    #[error("policy {policy_id}: {source}")]
+    Policy {
+        /// The policy.
+        policy_id: String,
+        /// Why its window does not compile.
+        #[source]
+        source: Box<Error>,
+    },
 }

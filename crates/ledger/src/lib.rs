@@ -32,10 +32,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations"
 
 /// Apply pending migrations.
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), Error> {
-    MIGRATOR
-        .run(pool)
-        .await
-        .map_err(|e| Error::Migrate(e.to_string()))
+    MIGRATOR.run(pool).await.map_err(Error::Migrate)
 }
 
 /// True when a database error is a unique violation (SQLSTATE 23505), read from the error's code,

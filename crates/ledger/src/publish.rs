@@ -16,6 +16,8 @@ pub const MAX_IN_FLIGHT_PUBLISHES: usize = 4096;
 /// How long one publish may wait for its ack before the caller is told it failed. A caller that
 /// then retries with the same event id is deduplicated by the stream's duplicate window.
 pub const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The context of a publish whose ack did not come within [`PUBLISH_ACK_TIMEOUT`].
+const NO_ACK: &str = "no ack within the publish timeout";
 
 /// Publishes validated events to the stream.
 #[derive(Clone)]
@@ -78,7 +80,7 @@ impl Publisher {
             .in_flight
             .acquire()
             .await
-            .map_err(|e| Error::Publish(e.to_string()))?;
+            .map_err(|e| Error::publish("the in-flight limit was closed", e))?;
         let started = std::time::Instant::now();
         let publish = Publish::build().message_id(msg_id).payload(payload);
         let ack = tokio::time::timeout(PUBLISH_ACK_TIMEOUT, async {
@@ -86,11 +88,11 @@ impl Publisher {
                 .js
                 .send_publish(subject, publish)
                 .await
-                .map_err(|e| Error::Publish(e.to_string()))?;
-            fut.await.map_err(|e| Error::Publish(e.to_string()))
+                .map_err(|e| Error::publish("sending", e))?;
+            fut.await.map_err(|e| Error::publish("awaiting the ack", e))
         })
         .await
-        .map_err(|_| Error::Publish(format!("no ack within {PUBLISH_ACK_TIMEOUT:?}")))??;
+        .map_err(|e| Error::publish(NO_ACK, e))??;
         self.publish_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(ack.sequence)
@@ -106,11 +108,11 @@ impl Publisher {
             .js
             .get_stream_no_info(&self.settings.name)
             .await
-            .map_err(|e| Error::JetStream(e.to_string()))?;
+            .map_err(|e| Error::jetstream(format!("stream {}", self.settings.name), e))?;
         match stream.get_last_raw_message_by_subject(subject).await {
             Ok(m) => Ok(m.sequence),
             Err(e) if e.kind() == Kind::NoMessageFound => Ok(0),
-            Err(e) => Err(Error::JetStream(e.to_string())),
+            Err(e) => Err(Error::jetstream(format!("last message on {subject}"), e)),
         }
     }
 
@@ -126,7 +128,7 @@ impl Publisher {
             .in_flight
             .acquire()
             .await
-            .map_err(|e| Error::Publish(e.to_string()))?;
+            .map_err(|e| Error::publish("the in-flight limit was closed", e))?;
         let started = std::time::Instant::now();
         let publish = Publish::build()
             .message_id(env.id.to_string())
@@ -137,14 +139,14 @@ impl Publisher {
                 .js
                 .send_publish(subject.clone(), publish)
                 .await
-                .map_err(|e| Error::Publish(e.to_string()))?;
+                .map_err(|e| Error::publish("sending", e))?;
             fut.await.map_err(|e| match e.kind() {
                 Kind::WrongLastSequence => Error::ConcurrentWrite { subject },
-                _ => Error::Publish(e.to_string()),
+                _ => Error::publish("awaiting the ack", e),
             })
         })
         .await
-        .map_err(|_| Error::Publish(format!("no ack within {PUBLISH_ACK_TIMEOUT:?}")))??;
+        .map_err(|e| Error::publish(NO_ACK, e))??;
         self.publish_seconds
             .observe(started.elapsed().as_secs_f64());
         Ok(ack.sequence)
@@ -171,8 +173,14 @@ impl Publisher {
                 Err(e) => {
                     let sent = acks.len();
                     return match await_in_order(acks).await {
-                        Ok(n) if n == sent => Err((n, Error::Publish(e.to_string()))),
-                        Ok(n) => Err((n, Error::Publish("ack missing".into()))),
+                        Ok(n) if n == sent => Err((n, Error::publish("sending", e))),
+                        Ok(n) => Err((
+                            n,
+                            Error::Publish {
+                                context: "an ack before the failed send is missing",
+                                source: None,
+                            },
+                        )),
                         Err(failed) => Err(failed),
                     };
                 }
@@ -191,13 +199,8 @@ async fn await_in_order(
         if let Some(fut) = ack {
             match tokio::time::timeout(PUBLISH_ACK_TIMEOUT, fut.into_future()).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err((done, Error::Publish(e.to_string()))),
-                Err(_) => {
-                    return Err((
-                        done,
-                        Error::Publish(format!("no ack within {PUBLISH_ACK_TIMEOUT:?}")),
-                    ));
-                }
+                Ok(Err(e)) => return Err((done, Error::publish("awaiting the ack", e))),
+                Err(e) => return Err((done, Error::publish(NO_ACK, e))),
             }
         }
         done += 1;

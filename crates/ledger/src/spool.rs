@@ -75,7 +75,17 @@ struct Inner {
 pub struct Spool(Arc<Inner>);
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::Spool(format!("{what} {}: {e}", path.display()))
+    Error::Spool {
+        context: format!("{what} {}", path.display()),
+        source: Some(e.into()),
+    }
+}
+
+fn task_failed(what: &str, e: tokio::task::JoinError) -> Error {
+    Error::Spool {
+        context: format!("the {what} task died"),
+        source: Some(e.into()),
+    }
 }
 
 impl Spool {
@@ -90,7 +100,7 @@ impl Spool {
         let lock_path = dir.join("spool.lock");
         let lock = File::create(&lock_path).map_err(|e| io("creating", &lock_path, e))?;
         lock.try_lock().map_err(|_| {
-            Error::Spool(format!(
+            Error::spool(format!(
                 "{} is in use by another process; give each API instance its own --spool-dir",
                 dir.display()
             ))
@@ -168,7 +178,7 @@ impl Spool {
         line.extend_from_slice(&env.encode());
         line.push(b'\n');
         if line.len() > MAX_RECORD_BYTES {
-            return Err(Error::Spool(format!(
+            return Err(Error::spool(format!(
                 "event of {} bytes exceeds the spool record limit of {MAX_RECORD_BYTES}",
                 line.len()
             )));
@@ -177,7 +187,7 @@ impl Spool {
         tokio::task::spawn_blocking(move || {
             let mut f = inner.files.lock().expect("spool lock");
             if f.len + line.len() as u64 > MAX_SPOOL_BYTES {
-                return Err(Error::Spool(format!(
+                return Err(Error::spool(format!(
                     "spool is full ({MAX_SPOOL_BYTES} bytes); refusing rather than filling the disk"
                 )));
             }
@@ -195,7 +205,7 @@ impl Spool {
             Ok(())
         })
         .await
-        .map_err(|e| Error::Spool(format!("append task: {e}")))??;
+        .map_err(|e| task_failed("append", e))??;
         self.0.wake.notify_one();
         Ok(())
     }
@@ -209,7 +219,7 @@ impl Spool {
                     Ok(n) if n > 0 => continue,
                     Ok(_) => break,
                     Err(e) => {
-                        tracing::warn!(error = %e, pending = self.pending(), "spool: drain failed; retrying");
+                        tracing::warn!(error = %crate::error::Chain(&e), pending = self.pending(), "spool: drain failed; retrying");
                         break;
                     }
                 }
@@ -265,7 +275,7 @@ impl Spool {
             Ok((f.cursor, parse_records(&buf)))
         })
         .await
-        .map_err(|e| Error::Spool(format!("read task: {e}")))?
+        .map_err(|e| task_failed("read", e))?
     }
 
     /// Save the cursor; when everything is published, set the log aside and start a new one.
@@ -285,7 +295,7 @@ impl Spool {
             rotate(&inner.dir, &mut f)
         })
         .await
-        .map_err(|e| Error::Spool(format!("cursor task: {e}")))?
+        .map_err(|e| task_failed("cursor", e))?
     }
 }
 
@@ -329,7 +339,7 @@ fn read_cursor(dir: &Path) -> Result<u64, Error> {
     let path = dir.join(CURSOR);
     match std::fs::read_to_string(&path) {
         Ok(text) => text.trim().parse().map_err(|_| {
-            Error::Spool(format!(
+            Error::spool(format!(
                 "{} holds `{}`, not an offset",
                 path.display(),
                 text.trim()

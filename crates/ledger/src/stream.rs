@@ -157,11 +157,13 @@ async fn ensure_one(
     settings: &StreamSettings,
     config: stream::Config,
 ) -> Result<(), Error> {
-    let js_err =
-        |e: &dyn std::fmt::Display| Error::JetStream(format!("stream {}: {e}", config.name));
+    let context = format!("stream {}", config.name);
     match js.get_stream(&config.name).await {
         Ok(mut existing) => {
-            let info = existing.info().await.map_err(|e| js_err(&e))?;
+            let info = existing
+                .info()
+                .await
+                .map_err(|e| Error::jetstream(context.clone(), e))?;
             let old = info.config.description.clone().unwrap_or_default();
             if config.name == settings.name
                 && old.contains("partitions=")
@@ -174,16 +176,16 @@ async fn ensure_one(
             }
             js.update_stream(config.clone())
                 .await
-                .map_err(|e| js_err(&e))?;
+                .map_err(|e| Error::jetstream(context.clone(), e))?;
             tracing::info!(stream = %config.name, "stream updated");
         }
         Err(e) if is_not_found(&e) => {
             js.create_stream(config.clone())
                 .await
-                .map_err(|e| js_err(&e))?;
+                .map_err(|e| Error::jetstream(context.clone(), e))?;
             tracing::info!(stream = %config.name, "stream created");
         }
-        Err(e) => return Err(js_err(&e)),
+        Err(e) => return Err(Error::jetstream(context, e)),
     }
     Ok(())
 }
@@ -195,13 +197,11 @@ fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
 
 /// The stream's last sequence now.
 pub async fn last_sequence(js: &jetstream::Context, name: &str) -> Result<u64, Error> {
+    let context = || format!("stream {name}");
     let mut s = js
         .get_stream(name)
         .await
-        .map_err(|e| Error::JetStream(e.to_string()))?;
-    let info = s
-        .info()
-        .await
-        .map_err(|e| Error::JetStream(e.to_string()))?;
+        .map_err(|e| Error::jetstream(context(), e))?;
+    let info = s.info().await.map_err(|e| Error::jetstream(context(), e))?;
     Ok(info.state.last_sequence)
 }

@@ -202,7 +202,7 @@ impl LedgerWriter {
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
-                    tracing::warn!(error = %e, "consuming failed; re-subscribing");
+                    tracing::warn!(error = %crate::error::Chain(&e), "consuming failed; re-subscribing");
                     match self.subscribe_retrying(&mut shutdown).await? {
                         Some(fresh) => sub = fresh.keeping_mark_of(sub),
                         None => return Ok(()),
@@ -247,7 +247,7 @@ impl LedgerWriter {
                 Ok(sub) => return Ok(Some(sub)),
                 Err(e @ Error::StreamBehindCheckpoint { .. }) => return Err(e),
                 Err(e) => tracing::warn!(
-                    error = %e,
+                    error = %crate::error::Chain(&e),
                     retry_in_ms = backoff.as_millis() as u64,
                     "subscribing to the stream failed; retrying"
                 ),
@@ -284,7 +284,9 @@ impl LedgerWriter {
             Err(e @ Error::StreamBehindCheckpoint { .. }) => return Err(e),
             // Postgres or NATS briefly away: the check runs again next time; a batch waits for
             // Postgres in its own retry loop.
-            Err(e) => tracing::warn!(error = %e, "stream/checkpoint check failed"),
+            Err(e) => {
+                tracing::warn!(error = %crate::error::Chain(&e), "stream/checkpoint check failed")
+            }
             Ok(()) => {}
         }
         let Ok(info) = ack_floor(&mut sub.consumer).await else {
@@ -306,14 +308,12 @@ impl LedgerWriter {
     }
 
     async fn consumer(&self) -> Result<jetstream::consumer::Consumer<pull::Config>, Error> {
-        let js_err = |e: &dyn std::fmt::Display| {
-            Error::JetStream(format!("consumer {}: {e}", self.settings.consumer))
-        };
+        let context = format!("consumer {}", self.settings.consumer);
         let stream = self
             .js
             .get_stream(&self.stream.name)
             .await
-            .map_err(|e| js_err(&e))?;
+            .map_err(|e| Error::jetstream(context.clone(), e))?;
         let config = pull::Config {
             durable_name: Some(self.settings.consumer.clone()),
             description: Some("tally ledger writer".into()),
@@ -327,7 +327,7 @@ impl LedgerWriter {
         stream
             .get_or_create_consumer(&self.settings.consumer, config)
             .await
-            .map_err(|e| js_err(&e))
+            .map_err(|e| Error::jetstream(context, e))
     }
 
     /// A continuous pull: the server keeps up to a batch ahead of us, so a busy writer never
@@ -342,7 +342,7 @@ impl LedgerWriter {
             .heartbeat(HEARTBEAT)
             .messages()
             .await
-            .map_err(|e| Error::JetStream(e.to_string()))
+            .map_err(|e| Error::jetstream("starting the pull", e))
     }
 
     /// The next batch: waits up to [`IDLE_POLL`] for a first message, then takes what arrives
@@ -351,14 +351,19 @@ impl LedgerWriter {
         let mut out = Vec::with_capacity(self.settings.batch_max);
         let first = match tokio::time::timeout(IDLE_POLL, messages.next()).await {
             Err(_) => return Ok(out),
-            Ok(None) => return Err(Error::JetStream("consumer stream ended".into())),
-            Ok(Some(m)) => m.map_err(|e| Error::JetStream(e.to_string()))?,
+            Ok(None) => {
+                return Err(Error::jetstream(
+                    "pulling messages",
+                    "the consumer's message stream ended",
+                ));
+            }
+            Ok(Some(m)) => m.map_err(|e| Error::jetstream("pulling messages", e))?,
         };
         out.push(first);
         let deadline = tokio::time::Instant::now() + self.settings.batch_wait;
         while out.len() < self.settings.batch_max {
             match tokio::time::timeout_at(deadline, messages.next()).await {
-                Ok(Some(m)) => out.push(m.map_err(|e| Error::JetStream(e.to_string()))?),
+                Ok(Some(m)) => out.push(m.map_err(|e| Error::jetstream("pulling messages", e))?),
                 Ok(None) | Err(_) => break,
             }
         }
@@ -388,7 +393,7 @@ impl LedgerWriter {
             match self.commit(&rows, &rejects, contiguous).await {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "batch not committed; retrying");
+                    tracing::error!(error = %crate::error::Chain(&e), retry_in_ms = backoff.as_millis() as u64, "batch not committed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
                 }
@@ -491,7 +496,7 @@ async fn ack_all(batch: &[Message]) {
     for m in batch {
         // A lost ack only means a redelivery, which the ledger deduplicates.
         if let Err(e) = m.ack().await {
-            tracing::warn!(error = %e, "ack failed; the message will be redelivered and deduplicated");
+            tracing::warn!(error = %crate::error::Chain(e.as_ref()), "ack failed; the message will be redelivered and deduplicated");
         }
     }
 }
@@ -591,7 +596,7 @@ async fn ack_floor(
         .info()
         .await
         .cloned()
-        .map_err(|e| Error::JetStream(e.to_string()))
+        .map_err(|e| Error::jetstream("reading the consumer's ack floor", e))
 }
 
 async fn save_checkpoint(

@@ -153,8 +153,12 @@ impl Config {
             c.model_groups.insert(name, models);
         }
         for PolicyBody { data, created_at } in b.policies {
-            let spec = WindowSpec::compile(&data.window, created_at)
-                .map_err(|e| SnapshotError::Body(format!("policy {}: {e}", data.policy_id)))?;
+            let spec = WindowSpec::compile(&data.window, created_at).map_err(|e| {
+                SnapshotError::Policy {
+                    policy_id: data.policy_id.clone(),
+                    source: Box::new(e),
+                }
+            })?;
             let id = data.policy_id.clone();
             c.policies.insert(
                 id,
@@ -265,8 +269,8 @@ impl QuotaState {
     /// Decode a snapshot into a state. Never panics: any damage is an error.
     pub fn decode_snapshot(bytes: &[u8]) -> Result<(SnapshotMeta, QuotaState), Error> {
         let meta = Self::snapshot_meta(bytes)?;
-        let body: Body<UsageMap> = postcard::from_bytes(&bytes[HEADER_LEN..])
-            .map_err(|e| SnapshotError::Body(e.to_string()))?;
+        let body: Body<UsageMap> =
+            postcard::from_bytes(&bytes[HEADER_LEN..]).map_err(SnapshotError::Body)?;
         let state = QuotaState {
             config: Config::from_body(body.config)?,
             usage: body.usage,
