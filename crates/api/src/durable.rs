@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use tally_events::{Envelope, EventData, ThresholdCrossed};
+use tally_ledger::error::Chain;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -30,7 +31,7 @@ impl AppState {
                     // The ack may still have been lost after the server stored it; the spooled
                     // copy then carries the same id and is deduplicated.
                     Err(e) => {
-                        tracing::warn!(error = %tally_ledger::error::Chain(&e), "publish failed; spooling")
+                        tracing::warn!(error = %Chain(&e), "publish failed; spooling")
                     }
                 }
             }
@@ -127,7 +128,7 @@ impl AppState {
             match self.publish(&env).await {
                 Ok(()) => self.quota().apply(&env),
                 Err(e) => {
-                    tracing::warn!(error = %tally_ledger::error::Chain(&e), policy_id = %a.policy_id, "threshold alert not published")
+                    tracing::warn!(error = %Chain(&e), policy_id = %a.policy_id, "threshold alert not published")
                 }
             }
         }
@@ -151,7 +152,7 @@ pub(crate) fn derived_id(key: &str) -> uuid::Uuid {
 /// SPEC §4.5: an admission that could not be recorded answers `503 {"reason":"unavailable"}`.
 pub(crate) fn unavailable_admission(e: ApiError, request_id: &str) -> ApiError {
     if let ApiError::Unavailable(cause) = &e {
-        let detail = tally_ledger::error::Chain(cause.as_ref());
+        let detail = Chain(cause.as_ref());
         tracing::warn!(%detail, request_id, "admission not recorded");
     }
     e

@@ -76,26 +76,8 @@ impl Publisher {
         msg_id: String,
         payload: bytes::Bytes,
     ) -> Result<u64, Error> {
-        let _permit = self
-            .in_flight
-            .acquire()
-            .await
-            .map_err(|e| Error::publish("the in-flight limit was closed", e))?;
-        let started = std::time::Instant::now();
         let publish = Publish::build().message_id(msg_id).payload(payload);
-        let ack = tokio::time::timeout(PUBLISH_ACK_TIMEOUT, async {
-            let fut = self
-                .js
-                .send_publish(subject, publish)
-                .await
-                .map_err(|e| Error::publish("sending", e))?;
-            fut.await.map_err(|e| Error::publish("awaiting the ack", e))
-        })
-        .await
-        .map_err(|e| Error::publish(NO_ACK, e))??;
-        self.publish_seconds
-            .observe(started.elapsed().as_secs_f64());
-        Ok(ack.sequence)
+        self.send(subject, publish).await
     }
 }
 
@@ -121,19 +103,26 @@ impl Publisher {
     /// Returns the new sequence, or [`Error::ConcurrentWrite`] when another writer got there first.
     #[tracing::instrument(skip_all, fields(event_id = %env.id, expected))]
     pub async fn publish_if_last(&self, env: &Envelope, expected: u64) -> Result<u64, Error> {
-        use async_nats::jetstream::context::PublishErrorKind as Kind;
         env.validate()?;
         let subject = self.settings.subject_for(env);
+        let publish = Publish::build()
+            .message_id(env.id.to_string())
+            .expected_last_subject_sequence(expected)
+            .payload(env.encode().into());
+        self.send(subject, publish).await
+    }
+
+    /// Send one publish within the in-flight bound and wait for its ack (at most
+    /// [`PUBLISH_ACK_TIMEOUT`]); a stale expected-last-sequence header is
+    /// [`Error::ConcurrentWrite`]. Returns the stream sequence.
+    async fn send(&self, subject: String, publish: Publish) -> Result<u64, Error> {
+        use async_nats::jetstream::context::PublishErrorKind as Kind;
         let _permit = self
             .in_flight
             .acquire()
             .await
             .map_err(|e| Error::publish("the in-flight limit was closed", e))?;
         let started = std::time::Instant::now();
-        let publish = Publish::build()
-            .message_id(env.id.to_string())
-            .expected_last_subject_sequence(expected)
-            .payload(env.encode().into());
         let ack = tokio::time::timeout(PUBLISH_ACK_TIMEOUT, async {
             let fut = self
                 .js
