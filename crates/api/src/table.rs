@@ -3,9 +3,12 @@
 //! admission retried after a restart is recognised).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::hash_map::RandomState;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tally_events::quota::{SHARDS, shard_index};
 use tally_events::{Envelope, RequestView};
 
 /// Most requests tracked at once. At 10k admissions/s with a 15-minute TTL a busy instance holds
@@ -21,9 +24,16 @@ struct Entry {
     seen: Instant,
 }
 
-/// Requests by id.
+type Shard = HashMap<String, Entry>;
+
+/// Requests by id, in [`SHARDS`] tables with a lock each (see [`tally_events::quota::Sharded`]):
+/// a table's growth step or the sweep's scan holds up only the requests of its shard, for a
+/// 64th of the time one table would.
 pub struct RequestTable {
-    map: Mutex<HashMap<String, Entry>>,
+    shards: Vec<Mutex<Shard>>,
+    pick: RandomState,
+    /// Requests held in all shards (the bound is on the whole table).
+    held: AtomicUsize,
     ttl: Duration,
     capacity: usize,
 }
@@ -38,20 +48,30 @@ impl RequestTable {
     /// A table holding at most `capacity` requests.
     pub fn with_capacity(ttl: Duration, capacity: usize) -> Self {
         RequestTable {
-            map: Mutex::new(HashMap::new()),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            pick: RandomState::new(),
+            held: AtomicUsize::new(0),
             ttl,
             capacity,
         }
     }
 
+    /// The shard of `request_id`, locked. A panic while a shard was locked leaves a map that is
+    /// still whole (no operation here panics half-way), so a poisoned lock is taken over.
+    fn shard(&self, request_id: &str) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[shard_index(&self.pick, request_id)])
+    }
+
     /// The slot of `request_id`, created empty if absent. `None` when the table is full.
     pub fn slot(&self, request_id: &str) -> Option<Slot> {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.shard(request_id);
         if let Some(e) = map.get_mut(request_id) {
             e.seen = Instant::now();
             return Some(e.slot.clone());
         }
-        if map.len() >= self.capacity {
+        // Counted before inserting, so two shards racing for the last place cannot both win.
+        if self.held.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.held.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
         let idempotency = chrono::Duration::from_std(self.ttl * 2).unwrap_or(chrono::Duration::MAX);
@@ -69,9 +89,7 @@ impl RequestTable {
 
     /// The slot of `request_id` if tracked.
     pub fn get(&self, request_id: &str) -> Option<Slot> {
-        self.map
-            .lock()
-            .expect("request table lock")
+        self.shard(request_id)
             .get(request_id)
             .map(|e| e.slot.clone())
     }
@@ -90,20 +108,30 @@ impl RequestTable {
     /// then fall back to the ledger). Returns how many remain.
     pub fn sweep(&self) -> usize {
         let horizon = self.ttl * 2;
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, e| e.seen.elapsed() < horizon);
-        map.len()
+        // One shard at a time: admissions of the other shards go on meanwhile.
+        for shard in &self.shards {
+            let mut map = lock(shard);
+            let before = map.len();
+            let now = Instant::now();
+            map.retain(|_, e| now.saturating_duration_since(e.seen) < horizon);
+            self.held.fetch_sub(before - map.len(), Ordering::AcqRel);
+        }
+        self.len()
     }
 
     /// How many requests are tracked.
     pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.held.load(Ordering::Acquire)
     }
 
     /// True when nothing is tracked.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

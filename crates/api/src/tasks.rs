@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tally_events::Envelope;
+use tally_events::quota::SHARDS;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -137,7 +138,7 @@ async fn sweep_task(state: AppState, mut stop: watch::Receiver<bool>) -> Result<
         }
         state.requests().sweep();
         state.sweep_in_doubt(state.0.config.reservation_ttl);
-        state.quota().prune();
+        prune_requests(&state);
     }
 }
 
@@ -160,6 +161,19 @@ async fn compact_task(state: AppState, mut stop: watch::Receiver<bool>) -> Resul
     }
 }
 
+/// Forget old closed requests shard by shard, letting go of the quota lock in between (see
+/// [`tally_events::quota::Sharded`]); past [`tally_events::quota::MAX_OPEN_REQUESTS`] (a flood of
+/// distinct ids) the whole map is pruned at once.
+fn prune_requests(state: &AppState) {
+    for i in 0..SHARDS {
+        state.quota().prune_shard(i);
+    }
+    let over = state.quota().open_requests() > tally_events::quota::MAX_OPEN_REQUESTS;
+    if over {
+        state.quota().prune();
+    }
+}
+
 /// Publish `reservation.expired` for every reservation past its TTL. Every instance does this;
 /// the event id is derived from the admission id, so JetStream (duplicate window) and the ledger
 /// (primary key) keep exactly one, and the tail closes it on the others.
@@ -167,7 +181,15 @@ async fn expire_reservations(state: &AppState) {
     let ttl =
         chrono::Duration::from_std(state.0.config.reservation_ttl).unwrap_or(chrono::Duration::MAX);
     let now = chrono::Utc::now();
-    let mut due = state.quota().expired(now, ttl);
+    let mut due = Vec::new();
+    // Shard by shard, the lock let go in between: a scan of every request (millions within the
+    // idempotency window) would hold every admission up for as long.
+    for i in 0..SHARDS {
+        if due.len() >= MAX_EXPIRIES_PER_ROUND {
+            break;
+        }
+        due.extend(state.quota().expired_in_shard(i, now, ttl));
+    }
     due.truncate(MAX_EXPIRIES_PER_ROUND);
     for (request_id, admission_id, leaf) in due {
         let data = tally_events::EventData::ReservationExpired(tally_events::ReservationEnded {

@@ -26,6 +26,10 @@ use crate::tables::Tables;
 
 /// Subjects compacted after each batch: bounds the time the state is locked for it.
 pub const COMPACT_SUBJECTS_PER_BATCH: usize = 2_000;
+/// Shards of the request map pruned after each batch (of [`tally_events::quota::SHARDS`]): a whole
+/// pass every 16 batches, each a 16th of the requests of the idempotency window (millions at
+/// production rates) instead of all of them after every batch.
+pub const PRUNE_SHARDS_PER_BATCH: usize = 4;
 /// Least time between two snapshots written because traffic went quiet: a snapshot of a large
 /// state costs a moment of CPU and a few MB written, so bursts with short pauses between them
 /// wait for the regular schedule (a restart then folds at most what arrived since the last
@@ -177,7 +181,7 @@ impl QuotaProjection {
             // then. Following live, the clock is the wall clock within the tail's lag.
             let at = f.q.clock().map_or(now, |c| c.min(now));
             f.q.compact_as_of(at, backfill, COMPACT_SUBJECTS_PER_BATCH);
-            f.q.prune();
+            f.q.prune_next_shards(PRUNE_SHARDS_PER_BATCH);
             let quiet_due = quiet
                 && f.last_quiet_snapshot
                     .is_none_or(|t| t.elapsed() >= QUIET_SNAPSHOT_MIN_GAP);

@@ -8,6 +8,7 @@ mod compact;
 mod config;
 mod credits;
 mod decide;
+mod sharded;
 mod snapshot;
 mod state;
 
@@ -20,6 +21,7 @@ pub use config::{
 };
 pub use credits::{Account, last_refill_at, next_refill_after};
 pub use decide::{AdmitRequest, Decision, PoolTotals, Resolved, UnknownSubjects};
+pub use sharded::{SHARDS, Sharded, shard_index};
 pub use snapshot::{SNAPSHOT_FORMAT, SnapshotMeta};
 pub use state::{
     CREDITS_CHECK, CreditAnswer, DEFAULT_IDEMPOTENCY_MINUTES, MAX_ALERTED, MAX_APPLIED_IDS,

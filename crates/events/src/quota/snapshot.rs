@@ -290,6 +290,7 @@ impl QuotaState {
                 body.applied.into_iter().map(|a| (a, ())),
             ),
             compact_queue: Vec::new(),
+            prune_cursor: 0,
             clock: body.clock,
             idempotency: chrono::Duration::minutes(super::state::DEFAULT_IDEMPOTENCY_MINUTES),
         };

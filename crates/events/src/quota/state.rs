@@ -16,6 +16,7 @@ use super::bounded::Bounded;
 use super::buckets::{Buckets, Horizons, minute_instant};
 use super::config::{Config, PolicyConf};
 use super::credits::Account;
+use super::sharded::{SHARDS, Sharded};
 use crate::envelope::{AdmissionDecided, CreditsAdjusted, Envelope, EventData, UsageSettled};
 use crate::model::{Check, CreditOp, Metric, Refill, Subject, Usage, Window, WindowBounds};
 use crate::request::MAX_SETTLEMENTS_PER_REQUEST;
@@ -188,6 +189,12 @@ impl Open {
             .max(0)
     }
 
+    /// Whether the request may be forgotten once seen long enough ago: closed, or never
+    /// admitted here (an admitted, open request is only ever closed by an event).
+    fn forgettable(&self) -> bool {
+        self.closed || self.admission_id.is_none()
+    }
+
     /// [`Open::held`] of every metric.
     fn held_all(&self) -> Held {
         Metric::ALL.map(|m| self.held(m))
@@ -242,11 +249,12 @@ fn shift_reserved(
 pub const SHRINK_SLACK: usize = 4;
 /// Tables of up to this many slots are never shrunk (not worth a rehash).
 const SHRINK_MIN_CAPACITY: usize = 4096;
+/// The same for one shard of the request map (a 64th of the requests: a smaller table is worth
+/// shrinking, 64 of them add up).
+const SHRINK_MIN_SHARD_CAPACITY: usize = 1024;
 
-fn shrink_when_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
-    if map.capacity() > SHRINK_MIN_CAPACITY
-        && map.len().saturating_mul(SHRINK_SLACK) < map.capacity()
-    {
+fn shrink_when_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, min_capacity: usize) {
+    if map.capacity() > min_capacity && map.len().saturating_mul(SHRINK_SLACK) < map.capacity() {
         map.shrink_to(map.len().saturating_mul(2));
     }
 }
@@ -258,7 +266,7 @@ pub struct QuotaState {
     pub config: Config,
     pub(super) usage: HashMap<Subject, Slices>,
     pub(super) reserved: HashMap<PoolKey, i64>,
-    pub(super) open: HashMap<String, Open>,
+    pub(super) open: Sharded<String, Open>,
     pub(super) resets: HashMap<(String, Subject), Reset>,
     pub(super) credits: HashMap<Subject, Account>,
     pub(super) credit_epochs: u64,
@@ -267,6 +275,8 @@ pub struct QuotaState {
     pub(super) applied: Bounded<Uuid, ()>,
     /// Subjects still to compact in the current round (see [`QuotaState::compact`]).
     pub(super) compact_queue: Vec<Subject>,
+    /// The next shard of the request map [`QuotaState::prune_next_shards`] forgets in.
+    pub(super) prune_cursor: usize,
     /// The stream's clock: the latest server time among the events folded (admissions' receipt,
     /// UUID v7 event ids). Forgetting requests runs on it, not on the wall clock, so a replay
     /// forgets exactly what the live instance forgot.
@@ -281,7 +291,7 @@ impl Default for QuotaState {
             config: Config::default(),
             usage: HashMap::new(),
             reserved: HashMap::new(),
-            open: HashMap::new(),
+            open: Sharded::default(),
             resets: HashMap::new(),
             credits: HashMap::new(),
             credit_epochs: 0,
@@ -289,6 +299,7 @@ impl Default for QuotaState {
             alerted: Bounded::new(MAX_ALERTED),
             applied: Bounded::new(MAX_APPLIED_IDS),
             compact_queue: Vec::new(),
+            prune_cursor: 0,
             clock: None,
             idempotency: chrono::Duration::minutes(DEFAULT_IDEMPOTENCY_MINUTES),
         }
@@ -866,34 +877,69 @@ impl QuotaState {
 
     /// [`Self::prune`] with a bound of `cap` requests (tests use a small one).
     pub fn prune_to(&mut self, cap: usize) -> usize {
+        let before = self.open.len();
+        for i in 0..SHARDS {
+            self.prune_shard(i);
+        }
+        if self.open.len() > cap {
+            self.forget_oldest_closed(self.open.len() - cap);
+        }
+        shrink_when_sparse(&mut self.reserved, SHRINK_MIN_CAPACITY);
+        before - self.open.len()
+    }
+
+    /// [`Self::prune`]'s forgetting by time in one shard of the request map (see
+    /// [`super::shard_index`]), without the cap: a caller holding this state behind a lock prunes shard
+    /// by shard and lets go between them, so no admission waits for a scan of every request.
+    /// Returns how many were forgotten.
+    pub fn prune_shard(&mut self, i: usize) -> usize {
         let Some(horizon) = self
             .clock
             .and_then(|c| c.checked_sub_signed(self.idempotency))
         else {
             return 0;
         };
-        let before = self.open.len();
+        let shard = self.open.shard_mut(i);
+        let before = shard.len();
         // An admitted, open request is only ever closed by an event (expiry, release,
         // settlement), so every instance agrees on when its reservation ended.
-        let forgettable = |o: &Open| o.closed || o.admission_id.is_none();
-        self.open
-            .retain(|_, o| !(o.seen_at < horizon && forgettable(o)));
-        if self.open.len() > cap {
-            let mut closed: Vec<(DateTime<Utc>, String)> = self
-                .open
-                .iter()
-                .filter(|(_, o)| forgettable(o))
-                .map(|(k, o)| (o.seen_at, k.clone()))
-                .collect();
-            closed.sort_unstable();
-            let excess = self.open.len() - cap;
-            for (_, rid) in closed.into_iter().take(excess) {
-                self.open.remove(&rid);
-            }
+        shard.retain(|_, o| !(o.seen_at < horizon && o.forgettable()));
+        shrink_when_sparse(shard, SHRINK_MIN_SHARD_CAPACITY);
+        before - shard.len()
+    }
+
+    /// [`Self::prune`] spread over calls: forget by time in the next `shards` shards of the
+    /// request map (round robin), and apply the cap. A projection following the stream calls it
+    /// after every batch: a whole pass every few batches instead of every request of the
+    /// idempotency window scanned each time. Returns how many were forgotten.
+    pub fn prune_next_shards(&mut self, shards: usize) -> usize {
+        let before = self.open.len();
+        for _ in 0..shards.min(SHARDS) {
+            self.prune_shard(self.prune_cursor);
+            self.prune_cursor = (self.prune_cursor + 1) % SHARDS;
         }
-        shrink_when_sparse(&mut self.open);
-        shrink_when_sparse(&mut self.reserved);
+        if self.open.len() > MAX_OPEN_REQUESTS {
+            self.forget_oldest_closed(self.open.len() - MAX_OPEN_REQUESTS);
+        }
         before - self.open.len()
+    }
+
+    /// Forget the `excess` closed requests seen longest ago (past [`MAX_OPEN_REQUESTS`]: a flood
+    /// of distinct request ids; sorts every closed request, so only then).
+    fn forget_oldest_closed(&mut self, excess: usize) {
+        let mut closed: Vec<(DateTime<Utc>, String)> = self
+            .open
+            .iter()
+            .filter(|(_, o)| o.forgettable())
+            .map(|(k, o)| (o.seen_at, k.clone()))
+            .collect();
+        closed.sort_unstable();
+        for (_, rid) in closed.into_iter().take(excess) {
+            self.open.remove(&rid);
+        }
+        for i in 0..SHARDS {
+            shrink_when_sparse(self.open.shard_mut(i), SHRINK_MIN_SHARD_CAPACITY);
+        }
     }
 
     /// Admitted requests still holding a reservation whose TTL, counted on the server's clock
@@ -904,7 +950,20 @@ impl QuotaState {
         now: DateTime<Utc>,
         ttl: chrono::Duration,
     ) -> Vec<(String, Uuid, Option<Subject>)> {
+        (0..SHARDS)
+            .flat_map(|i| self.expired_in_shard(i, now, ttl))
+            .collect()
+    }
+
+    /// [`Self::expired`] of one shard of the request map (see [`Self::prune_shard`]).
+    pub fn expired_in_shard(
+        &self,
+        i: usize,
+        now: DateTime<Utc>,
+        ttl: chrono::Duration,
+    ) -> Vec<(String, Uuid, Option<Subject>)> {
         self.open
+            .shard(i)
             .iter()
             .filter(|(_, o)| {
                 !o.closed
@@ -1079,9 +1138,37 @@ mod tests {
     }
 
     #[test]
+    fn pruning_shard_by_shard_forgets_what_one_pass_forgets() {
+        let t0 = Utc::now() - chrono::Duration::hours(5);
+        let n = 4_000;
+        let mut q = QuotaState::default();
+        for i in 0..n {
+            let rid = format!("r{i}");
+            let a = admission(&rid, t0);
+            q.apply(&a);
+            q.apply(&release(&rid, &a));
+        }
+        q.apply(&admission("later", t0 + chrono::Duration::hours(2)));
+        let first = q.prune_next_shards(4);
+        assert!(
+            first > 0 && first < n / 2,
+            "a call forgets about a 16th: {first}"
+        );
+        let rest: usize = (1..SHARDS / 4).map(|_| q.prune_next_shards(4)).sum();
+        assert_eq!(
+            first + rest,
+            n,
+            "a round robin of every shard forgets them all"
+        );
+        assert_eq!(q.open_requests(), 1);
+        assert!(q.is_admitted("later", t0 + chrono::Duration::hours(2)));
+        assert_eq!(q.prune_next_shards(SHARDS), 0);
+    }
+
+    #[test]
     fn a_table_emptied_by_pruning_gives_its_room_back() {
         let t0 = Utc::now() - chrono::Duration::hours(5);
-        for (n, shrinks) in [(3_000, false), (20_000, true)] {
+        for (n, shrinks) in [(3_000, false), (150_000, true)] {
             let mut q = QuotaState::default();
             for i in 0..n {
                 let rid = format!("r{i}");
@@ -1099,7 +1186,7 @@ mod tests {
                 // (capacity() counts deleted slots as used, so it reads lower than the table.)
                 assert!(
                     q.open.capacity() > 1_000,
-                    "tables up to 4096 slots are kept"
+                    "shards of up to 1024 slots are kept"
                 );
             }
             assert!(q.is_admitted("later", t0 + chrono::Duration::hours(2)));
