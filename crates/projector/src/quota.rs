@@ -199,7 +199,7 @@ impl QuotaProjection {
                     if quiet_due {
                         f.last_quiet_snapshot = Some(f.last_snapshot);
                     }
-                    Some((seq, f.q.encode_snapshot(seq, now)))
+                    Some((seq, off_the_runtime(|| f.q.encode_snapshot(seq, now))))
                 }
                 _ => None,
             }
@@ -340,5 +340,16 @@ impl Projection for QuotaProjection {
 
     fn on_quiet<'a>(&'a self) -> ApplyFuture<'a> {
         Box::pin(self.maintain(true))
+    }
+}
+
+/// Run `work` (CPU for milliseconds or more: a snapshot of millions of requests) so that the
+/// other tasks of this worker thread move to another one meanwhile (`block_in_place`), instead of
+/// waiting behind it — in `tally up` those are the API's admissions. On a current-thread runtime
+/// (tests, tools) there is nowhere to move them, so it simply runs.
+fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
