@@ -66,13 +66,23 @@ pub async fn request(
     PathParam(request_id): PathParam,
 ) -> Result<Response, ApiError> {
     validate_name("request_id", &request_id)?;
-    if let Some(slot) = state.requests().get(&request_id) {
-        let view = slot.lock().await.clone();
-        if view.admission.is_some() || !view.settlements.is_empty() {
-            return Ok(Json(view).into_response());
-        }
+    let live = match state.requests().get(&request_id) {
+        Some(slot) => Some(slot.lock().await.clone()),
+        None => None,
+    };
+    // A view without its admission may be a request that left the table and came back with a
+    // later event only (the table drops idle requests at its bound): the ledger has it whole.
+    if let Some(view) = &live
+        && view.admission.is_some()
+    {
+        return Ok(Json(view).into_response());
     }
     let events = tally_ledger::reader::request_events(&state.0.db, &request_id).await?;
+    if events.is_empty()
+        && let Some(view) = live.filter(|v| !v.settlements.is_empty())
+    {
+        return Ok(Json(view).into_response()); // direct usage the ledger has not caught up on
+    }
     if events.is_empty() {
         return Err(ApiError::NotFound {
             what: format!("request `{request_id}`"),

@@ -161,16 +161,12 @@ async fn compact_task(state: AppState, mut stop: watch::Receiver<bool>) -> Resul
     }
 }
 
-/// Forget old closed requests shard by shard, letting go of the quota lock in between (see
-/// [`tally_events::quota::Sharded`]); past [`tally_events::quota::MAX_OPEN_REQUESTS`] (a flood of
-/// distinct ids) the whole map is pruned at once.
+/// Forget old closed requests shard by shard (each shard also within its share of
+/// [`tally_events::quota::MAX_OPEN_REQUESTS`]), letting go of the quota lock in between (see
+/// [`tally_events::quota::Sharded`]).
 fn prune_requests(state: &AppState) {
     for i in 0..SHARDS {
         state.quota().prune_shard(i);
-    }
-    let over = state.quota().open_requests() > tally_events::quota::MAX_OPEN_REQUESTS;
-    if over {
-        state.quota().prune();
     }
 }
 

@@ -30,7 +30,7 @@ pub fn shard_index<Q: Hash + ?Sized>(pick: &RandomState, k: &Q) -> usize {
 #[derive(Clone, Debug)]
 pub struct Sharded<K, V> {
     shards: Vec<HashMap<K, V>>,
-    pick: RandomState,
+    pub(super) pick: RandomState,
 }
 
 impl<K, V> Default for Sharded<K, V> {

@@ -253,6 +253,23 @@ const SHRINK_MIN_CAPACITY: usize = 4096;
 /// shrinking, 64 of them add up).
 const SHRINK_MIN_SHARD_CAPACITY: usize = 1024;
 
+/// Forget the closed requests of `shard` seen longest ago until it holds `keep` (or no closed
+/// one is left).
+fn forget_oldest_closed(shard: &mut HashMap<String, Open>, keep: usize) {
+    let excess = shard.len().saturating_sub(keep);
+    let mut closed: Vec<(DateTime<Utc>, String)> = shard
+        .iter()
+        .filter(|(_, o)| o.forgettable())
+        .map(|(k, o)| (o.seen_at, k.clone()))
+        .collect();
+    if excess < closed.len() {
+        closed.select_nth_unstable(excess);
+    }
+    for (_, rid) in closed.into_iter().take(excess) {
+        shard.remove(&rid);
+    }
+}
+
 fn shrink_when_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, min_capacity: usize) {
     if map.capacity() > min_capacity && map.len().saturating_mul(SHRINK_SLACK) < map.capacity() {
         map.shrink_to(map.len().saturating_mul(2));
@@ -875,71 +892,69 @@ impl QuotaState {
         self.prune_to(MAX_OPEN_REQUESTS)
     }
 
-    /// [`Self::prune`] with a bound of `cap` requests (tests use a small one).
+    /// [`Self::prune`] with a bound of `cap` requests in all (tests use a small one): besides
+    /// each shard's own bound, the closed requests seen longest ago over all shards go first.
     pub fn prune_to(&mut self, cap: usize) -> usize {
         let before = self.open.len();
         for i in 0..SHARDS {
             self.prune_shard(i);
         }
         if self.open.len() > cap {
-            self.forget_oldest_closed(self.open.len() - cap);
+            let excess = self.open.len() - cap;
+            let mut closed: Vec<(DateTime<Utc>, String)> = self
+                .open
+                .iter()
+                .filter(|(_, o)| o.forgettable())
+                .map(|(k, o)| (o.seen_at, k.clone()))
+                .collect();
+            closed.sort_unstable();
+            for (_, rid) in closed.into_iter().take(excess) {
+                self.open.remove(&rid);
+            }
         }
         shrink_when_sparse(&mut self.reserved, SHRINK_MIN_CAPACITY);
         before - self.open.len()
     }
 
-    /// [`Self::prune`]'s forgetting by time in one shard of the request map (see
-    /// [`super::shard_index`]), without the cap: a caller holding this state behind a lock prunes shard
-    /// by shard and lets go between them, so no admission waits for a scan of every request.
-    /// Returns how many were forgotten.
+    /// [`Self::prune`] in one shard of the request map (see [`super::shard_index`]): forget by
+    /// time, and past the shard's share of [`MAX_OPEN_REQUESTS`] the closed requests seen longest
+    /// ago, down to 7/8 of the share (so a flood pays for the sort once per eighth, not per
+    /// call). A caller holding this state behind a lock prunes shard by shard and lets go between
+    /// them, so no admission waits for a scan of every request. Returns how many were forgotten.
     pub fn prune_shard(&mut self, i: usize) -> usize {
-        let Some(horizon) = self
+        self.prune_shard_within(i, MAX_OPEN_REQUESTS / SHARDS)
+    }
+
+    /// [`Self::prune_shard`] with a share of `share` requests (tests use a small one).
+    pub fn prune_shard_within(&mut self, i: usize, share: usize) -> usize {
+        let horizon = self
             .clock
-            .and_then(|c| c.checked_sub_signed(self.idempotency))
-        else {
-            return 0;
-        };
+            .and_then(|c| c.checked_sub_signed(self.idempotency));
         let shard = self.open.shard_mut(i);
         let before = shard.len();
-        // An admitted, open request is only ever closed by an event (expiry, release,
-        // settlement), so every instance agrees on when its reservation ended.
-        shard.retain(|_, o| !(o.seen_at < horizon && o.forgettable()));
+        if let Some(horizon) = horizon {
+            // An admitted, open request is only ever closed by an event (expiry, release,
+            // settlement), so every instance agrees on when its reservation ended.
+            shard.retain(|_, o| !(o.seen_at < horizon && o.forgettable()));
+        }
+        if shard.len() > share {
+            forget_oldest_closed(shard, share / 8 * 7);
+        }
         shrink_when_sparse(shard, SHRINK_MIN_SHARD_CAPACITY);
         before - shard.len()
     }
 
-    /// [`Self::prune`] spread over calls: forget by time in the next `shards` shards of the
-    /// request map (round robin), and apply the cap. A projection following the stream calls it
-    /// after every batch: a whole pass every few batches instead of every request of the
-    /// idempotency window scanned each time. Returns how many were forgotten.
+    /// [`Self::prune`] spread over calls: the next `shards` shards of the request map (round
+    /// robin). A projection following the stream calls it after every batch: a whole pass every
+    /// few batches instead of every request of the idempotency window scanned each time.
+    /// Returns how many were forgotten.
     pub fn prune_next_shards(&mut self, shards: usize) -> usize {
-        let before = self.open.len();
+        let mut forgotten = 0;
         for _ in 0..shards.min(SHARDS) {
-            self.prune_shard(self.prune_cursor);
+            forgotten += self.prune_shard(self.prune_cursor);
             self.prune_cursor = (self.prune_cursor + 1) % SHARDS;
         }
-        if self.open.len() > MAX_OPEN_REQUESTS {
-            self.forget_oldest_closed(self.open.len() - MAX_OPEN_REQUESTS);
-        }
-        before - self.open.len()
-    }
-
-    /// Forget the `excess` closed requests seen longest ago (past [`MAX_OPEN_REQUESTS`]: a flood
-    /// of distinct request ids; sorts every closed request, so only then).
-    fn forget_oldest_closed(&mut self, excess: usize) {
-        let mut closed: Vec<(DateTime<Utc>, String)> = self
-            .open
-            .iter()
-            .filter(|(_, o)| o.forgettable())
-            .map(|(k, o)| (o.seen_at, k.clone()))
-            .collect();
-        closed.sort_unstable();
-        for (_, rid) in closed.into_iter().take(excess) {
-            self.open.remove(&rid);
-        }
-        for i in 0..SHARDS {
-            shrink_when_sparse(self.open.shard_mut(i), SHRINK_MIN_SHARD_CAPACITY);
-        }
+        forgotten
     }
 
     /// Admitted requests still holding a reservation whose TTL, counted on the server's clock
@@ -1163,6 +1178,54 @@ mod tests {
         assert_eq!(q.open_requests(), 1);
         assert!(q.is_admitted("later", t0 + chrono::Duration::hours(2)));
         assert_eq!(q.prune_next_shards(SHARDS), 0);
+    }
+
+    #[test]
+    fn a_shard_past_its_share_forgets_its_oldest_closed_requests_down_to_seven_eighths() {
+        let t0 = Utc::now() - chrono::Duration::minutes(10);
+        let mut q = QuotaState::default();
+        for i in 0..64 * 40 {
+            let rid = format!("r{i}");
+            let a = admission(&rid, t0 + chrono::Duration::milliseconds(i));
+            q.apply(&a);
+            q.apply(&release(&rid, &a));
+        }
+        for i in 0..64 {
+            q.apply(&admission(&format!("open{i}"), t0));
+        }
+        let before = q.open_requests();
+        let forgotten: usize = (0..SHARDS).map(|i| q.prune_shard_within(i, 32)).sum();
+        assert_eq!(q.open_requests(), before - forgotten);
+        for i in 0..SHARDS {
+            let shard = q.open.shard(i);
+            let open = shard.values().filter(|o| !o.forgettable()).count();
+            assert!(
+                shard.len() <= 32 || shard.len() == open,
+                "shard {i}: {}",
+                shard.len()
+            );
+            let oldest_kept = shard
+                .values()
+                .filter(|o| o.forgettable())
+                .map(|o| o.seen_at)
+                .min();
+            let newest_gone = (0..64 * 40)
+                .map(|n| (n, format!("r{n}")))
+                .filter(|(_, r)| crate::quota::shard_index(&q.open.pick, r.as_str()) == i)
+                .filter(|(_, r)| !shard.contains_key(r))
+                .map(|(n, _)| t0 + chrono::Duration::milliseconds(n))
+                .max();
+            if let (Some(kept), Some(gone)) = (oldest_kept, newest_gone) {
+                assert!(gone < kept, "shard {i}: the oldest closed go first");
+            }
+        }
+        for i in 0..64 {
+            assert!(
+                q.is_admitted(&format!("open{i}"), t0),
+                "open requests are never forgotten"
+            );
+        }
+        assert!(forgotten > 0);
     }
 
     #[test]
