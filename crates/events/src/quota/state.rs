@@ -257,17 +257,25 @@ const SHRINK_MIN_SHARD_CAPACITY: usize = 1024;
 /// one is left).
 fn forget_oldest_closed(shard: &mut HashMap<String, Open>, keep: usize) {
     let excess = shard.len().saturating_sub(keep);
-    let mut closed: Vec<(DateTime<Utc>, String)> = shard
-        .iter()
-        .filter(|(_, o)| o.forgettable())
-        .map(|(k, o)| (o.seen_at, k.clone()))
-        .collect();
-    if excess < closed.len() {
-        closed.select_nth_unstable(excess);
-    }
-    for (_, rid) in closed.into_iter().take(excess) {
+    for rid in oldest_closed(shard.iter(), excess) {
         shard.remove(&rid);
     }
+}
+
+/// The ids of the `n` closed requests among `requests` seen longest ago (fewer if fewer are
+/// closed).
+fn oldest_closed<'a>(
+    requests: impl Iterator<Item = (&'a String, &'a Open)>,
+    n: usize,
+) -> Vec<String> {
+    let mut closed: Vec<(DateTime<Utc>, &String)> = requests
+        .filter(|(_, o)| o.forgettable())
+        .map(|(k, o)| (o.seen_at, k))
+        .collect();
+    if n < closed.len() {
+        closed.select_nth_unstable(n);
+    }
+    closed.into_iter().take(n).map(|(_, k)| k.clone()).collect()
 }
 
 fn shrink_when_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, min_capacity: usize) {
@@ -900,15 +908,7 @@ impl QuotaState {
             self.prune_shard(i);
         }
         if self.open.len() > cap {
-            let excess = self.open.len() - cap;
-            let mut closed: Vec<(DateTime<Utc>, String)> = self
-                .open
-                .iter()
-                .filter(|(_, o)| o.forgettable())
-                .map(|(k, o)| (o.seen_at, k.clone()))
-                .collect();
-            closed.sort_unstable();
-            for (_, rid) in closed.into_iter().take(excess) {
+            for rid in oldest_closed(self.open.iter(), self.open.len() - cap) {
                 self.open.remove(&rid);
             }
         }
