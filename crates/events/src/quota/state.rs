@@ -1152,17 +1152,23 @@ mod tests {
         assert_eq!(q.open_requests(), 2);
     }
 
+    /// A state with `n` requests `r0`.. admitted at `at(i)` and released.
+    fn closed_requests(n: usize, at: impl Fn(usize) -> DateTime<Utc>) -> QuotaState {
+        let mut q = QuotaState::default();
+        for i in 0..n {
+            let rid = format!("r{i}");
+            let a = admission(&rid, at(i));
+            q.apply(&a);
+            q.apply(&release(&rid, &a));
+        }
+        q
+    }
+
     #[test]
     fn pruning_shard_by_shard_forgets_what_one_pass_forgets() {
         let t0 = Utc::now() - chrono::Duration::hours(5);
         let n = 4_000;
-        let mut q = QuotaState::default();
-        for i in 0..n {
-            let rid = format!("r{i}");
-            let a = admission(&rid, t0);
-            q.apply(&a);
-            q.apply(&release(&rid, &a));
-        }
+        let mut q = closed_requests(n, |_| t0);
         q.apply(&admission("later", t0 + chrono::Duration::hours(2)));
         let first = q.prune_next_shards(4);
         assert!(
@@ -1183,13 +1189,7 @@ mod tests {
     #[test]
     fn a_shard_past_its_share_forgets_its_oldest_closed_requests_down_to_seven_eighths() {
         let t0 = Utc::now() - chrono::Duration::minutes(10);
-        let mut q = QuotaState::default();
-        for i in 0..64 * 40 {
-            let rid = format!("r{i}");
-            let a = admission(&rid, t0 + chrono::Duration::milliseconds(i));
-            q.apply(&a);
-            q.apply(&release(&rid, &a));
-        }
+        let mut q = closed_requests(64 * 40, |i| t0 + chrono::Duration::milliseconds(i as i64));
         for i in 0..64 {
             q.apply(&admission(&format!("open{i}"), t0));
         }
@@ -1232,13 +1232,7 @@ mod tests {
     fn a_table_emptied_by_pruning_gives_its_room_back() {
         let t0 = Utc::now() - chrono::Duration::hours(5);
         for (n, shrinks) in [(3_000, false), (150_000, true)] {
-            let mut q = QuotaState::default();
-            for i in 0..n {
-                let rid = format!("r{i}");
-                let a = admission(&rid, t0);
-                q.apply(&a);
-                q.apply(&release(&rid, &a));
-            }
+            let mut q = closed_requests(n, |_| t0);
             let grown = q.open.capacity();
             assert!(grown >= n);
             q.apply(&admission("later", t0 + chrono::Duration::hours(2)));
