@@ -203,47 +203,65 @@ pub async fn fold_by_seq(
             }
         })
     };
-    let decoder = tokio::spawn(decode_ahead(raw_rx, tx));
+    let decoder = tokio::spawn(decode_ahead(
+        raw_rx,
+        tx,
+        |raw: RawPage| {
+            let last = raw.last;
+            (raw.decode(), last)
+        },
+        Error::ReadAhead,
+        |(_, last)| last.is_none(),
+    ));
     let mut p = FoldProgress {
         last_seq: after,
         ..FoldProgress::default()
     };
+    let mut reached_the_end = false;
     while let Some(next) = rx.recv().await {
         let (events, last) = next?;
-        let Some(last) = last else { break };
+        let Some(last) = last else {
+            reached_the_end = true;
+            break;
+        };
         p.rows += events.len() as u64;
         p.last_seq = u64::try_from(last).unwrap_or(p.last_seq);
         p.rows_per_s = p.rows as f64 / started.elapsed().as_secs_f64().max(1e-6);
         page(&events, &p);
     }
     drop(rx);
-    let _ = reader.await;
-    let _ = decoder.await;
+    let (read, decoded) = (reader.await, decoder.await);
+    if !reached_the_end {
+        // The pages stopped before the last one: a stage died. Folding on would return a state
+        // missing the rest of the range as if it were whole.
+        read.and(decoded).map_err(Error::ReadAhead)?;
+    }
     Ok(p)
 }
 
-/// A decoded page and the sequence of its last row (None: nothing left).
-type Decoded = Result<(Vec<(i64, Envelope)>, Option<i64>), Error>;
-
-/// The decoding stage of [`fold_by_seq`]: each raw page decoded on a blocking thread (CPU work a
-/// runtime worker must not sit in), passed on in order; an error, or the last (empty) page, is
-/// passed on and ends the stage.
-async fn decode_ahead(
-    mut raw: tokio::sync::mpsc::Receiver<Result<RawPage, Error>>,
-    tx: tokio::sync::mpsc::Sender<Decoded>,
-) {
+/// The decoding stage of a paged read ([`fold_by_seq`], the projector's read-ahead): each raw
+/// page `decode`d on a blocking thread (CPU work a runtime worker must not sit in), passed on in
+/// order. An error (a decoding thread that died is `died`'s), or a page `is_last` accepts, is
+/// passed on and ends the stage; so does the sender or the receiver going away.
+pub async fn decode_ahead<R, D, E>(
+    mut raw: tokio::sync::mpsc::Receiver<Result<R, E>>,
+    tx: tokio::sync::mpsc::Sender<Result<D, E>>,
+    decode: fn(R) -> D,
+    died: fn(tokio::task::JoinError) -> E,
+    is_last: fn(&D) -> bool,
+) where
+    R: Send + 'static,
+    D: Send + 'static,
+    E: Send + 'static,
+{
     while let Some(next) = raw.recv().await {
         let page = match next {
-            Ok(raw) => {
-                let last = raw.last;
-                tokio::task::spawn_blocking(move || raw.decode())
-                    .await
-                    .map(|events| (events, last))
-                    .map_err(Error::ReadAhead)
-            }
+            Ok(r) => tokio::task::spawn_blocking(move || decode(r))
+                .await
+                .map_err(died),
             Err(e) => Err(e),
         };
-        let done = !matches!(page, Ok((_, Some(_))));
+        let done = page.as_ref().map_or(true, is_last);
         if tx.send(page).await.is_err() || done {
             return;
         }

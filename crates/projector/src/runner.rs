@@ -403,29 +403,16 @@ impl Projector {
                 let _ = raw_tx.send(Err(e)).await;
             }
         });
-        tokio::spawn(decode_ahead(raw_rx, tx));
+        // The reader sends no empty page: the stage ends when it does (the rebuild then catches
+        // up to the head from its checkpoint, so no page is taken as the last).
+        tokio::spawn(tally_ledger::reader::decode_ahead(
+            raw_rx,
+            tx,
+            |(from, raw)| Page::decoded(from, raw),
+            Error::ReadAhead,
+            |_| false,
+        ));
         rx
-    }
-}
-
-/// The decoding stage of [`Runner::read_ahead`]: each raw page decoded on a blocking thread (it
-/// is CPU work a runtime worker must not sit in), passed on in order; an error is passed on and
-/// ends the stage.
-async fn decode_ahead(
-    mut raw: tokio::sync::mpsc::Receiver<Result<(i64, RawPage), Error>>,
-    tx: tokio::sync::mpsc::Sender<Result<Page, Error>>,
-) {
-    while let Some(next) = raw.recv().await {
-        let page = match next {
-            Ok((from, raw)) => tokio::task::spawn_blocking(move || Page::decoded(from, raw))
-                .await
-                .map_err(Error::ReadAhead),
-            Err(e) => Err(e),
-        };
-        let failed = page.is_err();
-        if tx.send(page).await.is_err() || failed {
-            return;
-        }
     }
 }
 
