@@ -12,7 +12,9 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use tally_events::quota::{AdmitRequest, CREDITS_CHECK, MAX_OPEN_REQUESTS, QuotaState};
+use tally_events::quota::{
+    AdmitRequest, CREDITS_CHECK, MAX_OPEN_REQUESTS, QuotaState, oldest_first,
+};
 use tally_events::{
     Boundary, Envelope, EventData, Metric, OnExhausted, Outcome, PolicyUpserted, Subject, Usage,
     Window,
@@ -350,15 +352,9 @@ impl Counterfactual {
         self.refused
             .retain(|_, r| !r.closed || r.seen_at >= horizon);
         if self.refused.len() > MAX_REFUSED_REQUESTS {
-            let mut closed: Vec<_> = self
-                .refused
-                .iter()
-                .filter(|(_, r)| r.closed)
-                .map(|(id, r)| (r.seen_at, *id))
-                .collect();
-            closed.sort_unstable();
             let excess = self.refused.len() - MAX_REFUSED_REQUESTS;
-            for (_, id) in closed.into_iter().take(excess) {
+            let closed = self.refused.iter().filter(|(_, r)| r.closed);
+            for id in oldest_first(closed.map(|(id, r)| (r.seen_at, id)), excess) {
                 self.refused.remove(&id);
             }
         }

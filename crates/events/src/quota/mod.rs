@@ -25,5 +25,5 @@ pub use sharded::{SHARDS, Sharded, shard_index};
 pub use snapshot::{SNAPSHOT_FORMAT, SnapshotMeta};
 pub use state::{
     CREDITS_CHECK, CreditAnswer, DEFAULT_IDEMPOTENCY_MINUTES, MAX_ALERTED, MAX_APPLIED_IDS,
-    MAX_CREDIT_WRITE_IDS, MAX_OPEN_REQUESTS, PoolKey, QuotaState, Reset, SliceKey,
+    MAX_CREDIT_WRITE_IDS, MAX_OPEN_REQUESTS, PoolKey, QuotaState, Reset, SliceKey, oldest_first,
 };

@@ -268,14 +268,21 @@ fn oldest_closed<'a>(
     requests: impl Iterator<Item = (&'a String, &'a Open)>,
     n: usize,
 ) -> Vec<String> {
-    let mut closed: Vec<(DateTime<Utc>, &String)> = requests
-        .filter(|(_, o)| o.forgettable())
-        .map(|(k, o)| (o.seen_at, k))
-        .collect();
-    if n < closed.len() {
-        closed.select_nth_unstable(n);
+    let closed = requests.filter(|(_, o)| o.forgettable());
+    oldest_first(closed.map(|(k, o)| (o.seen_at, k)), n)
+}
+
+/// The keys of the `n` entries seen longest ago among `entries` (`(seen at, key)`; ties by key),
+/// fewer if there are fewer: what a bounded table of requests forgets first.
+pub fn oldest_first<'a, K: Ord + Clone + 'a>(
+    entries: impl Iterator<Item = (DateTime<Utc>, &'a K)>,
+    n: usize,
+) -> Vec<K> {
+    let mut all: Vec<(DateTime<Utc>, &K)> = entries.collect();
+    if n < all.len() {
+        all.select_nth_unstable(n);
     }
-    closed.into_iter().take(n).map(|(_, k)| k.clone()).collect()
+    all.into_iter().take(n).map(|(_, k)| k.clone()).collect()
 }
 
 fn shrink_when_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, min_capacity: usize) {
@@ -957,20 +964,10 @@ impl QuotaState {
         forgotten
     }
 
-    /// Admitted requests still holding a reservation whose TTL, counted on the server's clock
-    /// from when the admission was received, has run out by `now`: (request id, admission id,
-    /// leaf subject).
-    pub fn expired(
-        &self,
-        now: DateTime<Utc>,
-        ttl: chrono::Duration,
-    ) -> Vec<(String, Uuid, Option<Subject>)> {
-        (0..SHARDS)
-            .flat_map(|i| self.expired_in_shard(i, now, ttl))
-            .collect()
-    }
-
-    /// [`Self::expired`] of one shard of the request map (see [`Self::prune_shard`]).
+    /// Admitted requests in shard `i` of the request map still holding a reservation whose TTL,
+    /// counted on the server's clock from when the admission was received, has run out by `now`:
+    /// (request id, admission id, leaf subject). Shard by shard (see [`Self::prune_shard`]), so
+    /// the caller can let go of the lock between shards.
     pub fn expired_in_shard(
         &self,
         i: usize,
