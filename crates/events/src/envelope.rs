@@ -1,8 +1,10 @@
 //! The envelope (SPEC §2), every event type, and strict decoding.
 
 use chrono::{DateTime, Utc};
-use serde::de::DeserializeOwned;
+use serde::de::DeserializeSeed;
 use serde::{Deserialize, Serialize};
+
+use crate::wire::DataSeed;
 use uuid::Uuid;
 
 use crate::Error;
@@ -352,19 +354,19 @@ pub struct Envelope {
     pub data: EventData,
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Raw<D> {
+/// The envelope as written: borrowed from the [`Envelope`], `data` serialized from its struct.
+#[derive(Serialize)]
+struct RawOut<'a> {
     id: Uuid,
     #[serde(rename = "type")]
-    event_type: String,
+    event_type: &'static str,
     schema: u32,
     occurred_at: DateTime<Utc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    request_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    subject: Option<Subject>,
-    data: D,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a Subject>,
+    data: &'a EventData,
 }
 
 fn malformed(e: serde_path_to_error::Error<serde_json::Error>, prefix: &str) -> Error {
@@ -378,17 +380,6 @@ fn malformed(e: serde_path_to_error::Error<serde_json::Error>, prefix: &str) -> 
         field,
         message: e.into_inner().to_string(),
     }
-}
-
-/// The typed `data` of one event type, parsed from its JSON text.
-fn data_of<T: DeserializeOwned>(text: &str) -> Result<T, Error> {
-    // Fast path: almost every event decodes, and tracking the path of every value costs a
-    // tenth of a replay's CPU; the path of a failure is worked out by decoding again.
-    if let Ok(v) = T::deserialize(&mut serde_json::Deserializer::from_str(text)) {
-        return Ok(v);
-    }
-    let mut de = serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(e, "data"))
 }
 
 /// The envelope as read: everything but `data`, which is kept as its raw JSON text (a validated
@@ -433,45 +424,41 @@ impl EventData {
         }
     }
 
+    /// The typed data of type `t` from its JSON text; a failure names the field under `data`.
     fn decode(t: EventType, v: &str) -> Result<EventData, Error> {
-        use EventData as D;
-        use EventType as T;
-        Ok(match t {
-            T::AdmissionDecided => D::AdmissionDecided(data_of(v)?),
-            T::UsageSettled => D::UsageSettled(data_of(v)?),
-            T::ReservationReleased => D::ReservationReleased(data_of(v)?),
-            T::ReservationExpired => D::ReservationExpired(data_of(v)?),
-            T::SubjectUpserted => D::SubjectUpserted(data_of(v)?),
-            T::SubjectDeleted => D::SubjectDeleted(data_of(v)?),
-            T::ModelGroupUpserted => D::ModelGroupUpserted(data_of(v)?),
-            T::ModelGroupDeleted => D::ModelGroupDeleted(data_of(v)?),
-            T::PolicyUpserted => D::PolicyUpserted(data_of(v)?),
-            T::PolicyDeleted => D::PolicyDeleted(data_of(v)?),
-            T::WindowReset => D::WindowReset(data_of(v)?),
-            T::GrantIssued => D::GrantIssued(data_of(v)?),
-            T::GrantRevoked => D::GrantRevoked(data_of(v)?),
-            T::CreditsAdjusted => D::CreditsAdjusted(data_of(v)?),
-            T::ThresholdCrossed => D::ThresholdCrossed(data_of(v)?),
-        })
+        // Fast path: almost every event decodes, and tracking the path of every value costs a
+        // tenth of a replay's CPU; the path of a failure is worked out by decoding again.
+        if let Ok(d) = DataSeed(t).deserialize(&mut serde_json::Deserializer::from_str(v)) {
+            return Ok(d);
+        }
+        let mut track = serde_path_to_error::Track::new();
+        let mut de = serde_json::Deserializer::from_str(v);
+        DataSeed(t)
+            .deserialize(serde_path_to_error::Deserializer::new(&mut de, &mut track))
+            .map_err(|e| malformed(serde_path_to_error::Error::new(track.path(), e), "data"))
     }
+}
 
-    fn to_value(&self) -> serde_json::Value {
+/// An event's data serialized straight from its typed struct: no `serde_json::Value` between
+/// (building one cost a tree of maps and strings per published event, on the admit path). Keys
+/// come in each struct's field order; readers accept any order.
+impl Serialize for EventData {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use EventData as D;
-        let v = match self {
-            D::AdmissionDecided(d) => serde_json::to_value(d),
-            D::UsageSettled(d) => serde_json::to_value(d),
-            D::ReservationReleased(d) | D::ReservationExpired(d) => serde_json::to_value(d),
-            D::SubjectUpserted(d) => serde_json::to_value(d),
-            D::SubjectDeleted(d) => serde_json::to_value(d),
-            D::ModelGroupUpserted(d) | D::ModelGroupDeleted(d) => serde_json::to_value(d),
-            D::PolicyUpserted(d) => serde_json::to_value(d),
-            D::PolicyDeleted(d) | D::GrantRevoked(d) => serde_json::to_value(d),
-            D::WindowReset(d) => serde_json::to_value(d),
-            D::GrantIssued(d) => serde_json::to_value(d),
-            D::CreditsAdjusted(d) => serde_json::to_value(d),
-            D::ThresholdCrossed(d) => serde_json::to_value(d),
-        };
-        v.expect("event data always serializes")
+        match self {
+            D::AdmissionDecided(d) => d.serialize(s),
+            D::UsageSettled(d) => d.serialize(s),
+            D::ReservationReleased(d) | D::ReservationExpired(d) => d.serialize(s),
+            D::SubjectUpserted(d) => d.serialize(s),
+            D::SubjectDeleted(d) => d.serialize(s),
+            D::ModelGroupUpserted(d) | D::ModelGroupDeleted(d) => d.serialize(s),
+            D::PolicyUpserted(d) => d.serialize(s),
+            D::PolicyDeleted(d) | D::GrantRevoked(d) => d.serialize(s),
+            D::WindowReset(d) => d.serialize(s),
+            D::GrantIssued(d) => d.serialize(s),
+            D::CreditsAdjusted(d) => d.serialize(s),
+            D::ThresholdCrossed(d) => d.serialize(s),
+        }
     }
 }
 
@@ -518,14 +505,14 @@ impl Envelope {
 
     /// JSON bytes of the envelope.
     pub fn encode(&self) -> Vec<u8> {
-        let raw = Raw {
+        let raw = RawOut {
             id: self.id,
-            event_type: self.event_type().as_str().to_owned(),
+            event_type: self.event_type().as_str(),
             schema: self.schema,
             occurred_at: self.occurred_at,
-            request_id: self.request_id.clone(),
-            subject: self.subject.clone(),
-            data: self.data.to_value(),
+            request_id: self.request_id.as_deref(),
+            subject: self.subject.as_ref(),
+            data: &self.data,
         };
         serde_json::to_vec(&raw).expect("envelope always serializes")
     }
@@ -539,15 +526,22 @@ impl Envelope {
                 format!("event of {} bytes exceeds {MAX_EVENT_BYTES}", bytes.len()),
             ));
         }
-        // Fast path without path tracking; the path of a failure is worked out by decoding again.
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let raw: RawIn<'_> = match RawIn::deserialize(&mut de) {
-            Ok(raw) => raw,
-            Err(_) => {
-                de = serde_json::Deserializer::from_slice(bytes);
-                serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(e, ""))?
-            }
+        // Fast path: one scan, no path tracking (see `wire`); anything it does not accept is
+        // decoded again by the general reader, whose error names the field.
+        let env = match crate::wire::one_pass(bytes) {
+            Some(env) => env,
+            None => Self::decode_general(bytes)?,
         };
+        env.validate()?;
+        Ok(env)
+    }
+
+    /// The general reader: `data` kept as raw text until the type is known, then typed; a
+    /// failure names the field (with the path of the value that failed).
+    pub(crate) fn decode_general(bytes: &[u8]) -> Result<Envelope, Error> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let raw: RawIn<'_> =
+            serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(e, ""))?;
         de.end().map_err(|e| Error::Malformed {
             field: None,
             message: e.to_string(),
@@ -557,15 +551,13 @@ impl Envelope {
         }
         let t = EventType::parse(&raw.event_type)
             .ok_or_else(|| Error::UnknownType(raw.event_type.clone()))?;
-        let env = Envelope {
+        Ok(Envelope {
             id: raw.id,
             schema: raw.schema,
             occurred_at: raw.occurred_at,
             request_id: raw.request_id,
             subject: raw.subject,
             data: EventData::decode(t, raw.data.get())?,
-        };
-        env.validate()?;
-        Ok(env)
+        })
     }
 }

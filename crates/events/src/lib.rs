@@ -16,6 +16,7 @@ pub mod rules;
 mod usage;
 mod validate;
 pub mod window;
+mod wire;
 
 pub use envelope::*;
 pub use error::{Error, SnapshotError};
