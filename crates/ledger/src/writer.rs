@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, Message, consumer::pull};
 use futures::StreamExt;
-use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
+use sqlx::postgres::PgArguments;
+use sqlx::{Arguments, PgPool, Postgres, QueryBuilder, Transaction};
 use tally_events::{Envelope, EventData, LedgerFacts};
 
 use crate::watermark::Watermark;
@@ -501,15 +502,48 @@ async fn ack_all(batch: &[Message]) {
     }
 }
 
+const INSERT_LEDGER: &str = "INSERT INTO ledger (event_id, stream_seq, event_type, schema_version, \
+    occurred_at, window_at, request_id, settlement_id, subject, chain, model, model_group, requests, \
+    input_tokens, output_tokens, cost, credits, counted_in_key_global, counted_in_user_global, payload, \
+    admission_id) ";
+
+/// Values bound per ledger row.
+const ARGS_PER_ROW: usize = 21;
+
+/// Room for one row's bound values besides its payload: 21 length prefixes, two uuids, eight
+/// integers, three timestamps, and the short strings and chain (a few hundred bytes).
+const ARG_BYTES_PER_ROW: usize = 512;
+
+/// Room for one row's placeholders in the statement: `($1, … $21::json, $22)` at up to seven
+/// characters each.
+const SQL_BYTES_PER_ROW: usize = ARGS_PER_ROW * 8 + 16;
+
+/// The statement's text, with room for every row's placeholders.
+fn sized_sql(rows: &[Row]) -> String {
+    let mut sql = String::with_capacity(INSERT_LEDGER.len() + rows.len() * SQL_BYTES_PER_ROW + 32);
+    sql.push_str(INSERT_LEDGER);
+    sql
+}
+
+/// The bound values' buffer, sized for the batch at once: grown by doubling, a batch of
+/// admissions (2 kB payloads) was reallocated a dozen times into fresh pages, and copying and
+/// zeroing those was 7 % of the process under load.
+fn sized_args(rows: &[Row]) -> PgArguments {
+    let payload_bytes: usize = rows.iter().map(|r| r.payload.len()).sum();
+    let mut args = PgArguments::default();
+    args.reserve(
+        rows.len() * ARGS_PER_ROW,
+        payload_bytes + rows.len() * ARG_BYTES_PER_ROW,
+    );
+    args
+}
+
 async fn insert_rows(tx: &mut Transaction<'_, Postgres>, rows: &[Row]) -> Result<u64, Error> {
     if rows.is_empty() {
         return Ok(0);
     }
-    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-        "INSERT INTO ledger (event_id, stream_seq, event_type, schema_version, occurred_at, window_at, \
-         request_id, settlement_id, subject, chain, model, model_group, requests, input_tokens, \
-         output_tokens, cost, credits, counted_in_key_global, counted_in_user_global, payload, admission_id) ",
-    );
+    let mut qb: QueryBuilder<Postgres> =
+        QueryBuilder::with_arguments(sized_sql(rows), sized_args(rows));
     qb.push_values(rows, |mut b, r| {
         let f = LedgerFacts::of(&r.env);
         let settlement_id = match &r.env.data {
