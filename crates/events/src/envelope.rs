@@ -3,12 +3,11 @@
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeSeed;
 use serde::{Deserialize, Serialize};
-
-use crate::wire::DataSeed;
 use uuid::Uuid;
 
 use crate::Error;
 use crate::model::*;
+use crate::wire::DataSeed;
 
 /// Newest schema version this build writes and reads. Readers upgrade older versions.
 pub const SCHEMA_VERSION: u32 = 1;
