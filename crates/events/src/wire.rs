@@ -197,11 +197,21 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::{Value, json};
 
-    use super::one_pass;
+    use super::{KEYS, one_pass};
     use crate::Envelope;
 
     const T: &str = "2026-11-22T10:00:00.123456Z";
     const ID: &str = "0192f0c4-8a3b-7c2d-9e1f-123456789abc";
+    /// The key order of rows written while the ledger kept `jsonb` (`data` first).
+    const JSONB_ORDER: &[&str] = &[
+        "data",
+        "id",
+        "type",
+        "schema",
+        "subject",
+        "request_id",
+        "occurred_at",
+    ];
 
     fn docs() -> Vec<Value> {
         vec![
@@ -244,27 +254,9 @@ mod tests {
 
     #[test]
     fn reads_every_key_order_as_the_general_reader_does() {
-        let written = [
-            "id",
-            "type",
-            "schema",
-            "occurred_at",
-            "request_id",
-            "subject",
-            "data",
-        ];
-        let jsonb = [
-            "data",
-            "id",
-            "type",
-            "schema",
-            "subject",
-            "request_id",
-            "occurred_at",
-        ];
         for doc in docs() {
-            for order in [written, jsonb] {
-                let text = text_in_order(&doc, &order);
+            for order in [KEYS, JSONB_ORDER] {
+                let text = text_in_order(&doc, order);
                 let fast = one_pass(text.as_bytes()).expect("a valid event reads in one pass");
                 agrees(text.as_bytes());
                 assert_eq!(
@@ -277,16 +269,7 @@ mod tests {
 
     #[test]
     fn leaves_everything_off_to_the_general_reader() {
-        let keys = [
-            "id",
-            "type",
-            "schema",
-            "occurred_at",
-            "request_id",
-            "subject",
-            "data",
-        ];
-        let doc = text_in_order(&docs()[1], &keys);
+        let doc = text_in_order(&docs()[1], KEYS);
         let bad = [
             doc.replace("\"schema\":1", "\"schema\":0"),
             doc.replace("\"schema\":1", "\"schema\":2"),
@@ -318,11 +301,7 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
         #[test]
         fn mutated_events_read_alike(doc in 0usize..3, at in any::<prop::sample::Index>(), byte in any::<u8>(), data_first in any::<bool>()) {
-            let order: &[&str] = if data_first {
-                &["data", "id", "type", "schema", "subject", "request_id", "occurred_at"]
-            } else {
-                &["id", "type", "schema", "occurred_at", "request_id", "subject", "data"]
-            };
+            let order = if data_first { JSONB_ORDER } else { KEYS };
             let mut bytes = text_in_order(&docs()[doc], order).into_bytes();
             let i = at.index(bytes.len());
             bytes[i] = byte;
