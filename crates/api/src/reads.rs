@@ -78,12 +78,10 @@ pub async fn request(
         return Ok(Json(view).into_response());
     }
     let events = tally_ledger::reader::request_events(&state.0.db, &request_id).await?;
-    if events.is_empty()
-        && let Some(view) = live.filter(|v| !v.settlements.is_empty())
-    {
-        return Ok(Json(view).into_response()); // direct usage the ledger has not caught up on
-    }
     if events.is_empty() {
+        if let Some(view) = live.filter(|v| !v.settlements.is_empty()) {
+            return Ok(Json(view).into_response()); // direct usage the ledger has not caught up on
+        }
         return Err(ApiError::NotFound {
             what: format!("request `{request_id}`"),
             field: Some("request_id".into()),
